@@ -1,0 +1,464 @@
+// CPU kernels for blockwise 4-bit and 8-bit quantize / dequantize.
+//
+// Parallel over blocks with OpenMP; the inner loops use AVX2/FMA/F16C when the CPU has
+// them (checked at run time, compiled with per-function target attributes so the module
+// still loads on CPUs without AVX2) and the scalar code of qk_format.h otherwise.
+// Dequantize builds, per block, the 16 possible outputs code[k] * absmax already rounded
+// to the output dtype, so the inner loop is a byte shuffle: one table lookup per element,
+// and the result is identical to computing code[q] * absmax element by element.
+#include <omp.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu_common.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace qlora_kernels::cpu {
+namespace {
+
+// ------------------------------------------------------------------ scalar paths
+template <typename T>
+void quantize_block_scalar(const T* x, int64_t len, int qt, float* absmax_out, uint8_t* out) {
+  float m = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = to_float(x[i]);
+    const float a = std::fabs(v);
+    if (a > m) m = a;
+    if (v != v) nan = true;
+  }
+  if (nan) m = NAN;
+  *absmax_out = m;
+  const float inv = qk::inverse_absmax(m);
+  for (int64_t i = 0; i < len; i += 2) {
+    const int hi = qk::encode_4bit(qt, to_float(x[i]) * inv);
+    const int lo = i + 1 < len ? qk::encode_4bit(qt, to_float(x[i + 1]) * inv) : 0;
+    out[i / 2] = qk::pack_pair(hi, lo);
+  }
+}
+
+template <typename OutT>
+void dequant_block_scalar(const uint8_t* p, int64_t begin, int64_t len, const OutT* lut,
+                          OutT* out) {
+  // `begin` is even relative to the block start, so elements pair up with bytes.
+  for (int64_t i = begin; i < len; ++i) {
+    const uint8_t b = p[i / 2];
+    out[i] = lut[(i & 1) ? qk::unpack_lo(b) : qk::unpack_hi(b)];
+  }
+}
+
+#if defined(__x86_64__)
+// ------------------------------------------------------------------ AVX2 paths
+QK_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+QK_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+QK_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+QK_AVX2 inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+// Codes of 8 scaled values: the count of thresholds strictly below each (see qk_format.h).
+QK_AVX2 inline __m256i encode8(__m256 s, int qt) {
+  __m256i q = _mm256_setzero_si256();
+  if (qt == qk::kFP4) {
+    const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), s);
+    for (int k = 0; k < 7; ++k)
+      q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(
+                                  a, _mm256_set1_ps(qk::kFP4MagThresholds[k]), _CMP_GT_OQ)));
+    q = _mm256_xor_si256(q, _mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 1));
+    const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_or_si256(q, _mm256_and_si256(neg, _mm256_set1_epi32(8)));
+  }
+  const float* t = qt == qk::kNF4 ? qk::kNF4Thresholds : qk::kINT4Thresholds;
+  for (int k = 0; k < 15; ++k)
+    q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_set1_ps(t[k]), _CMP_GT_OQ)));
+  return q;
+}
+
+template <typename T>
+QK_AVX2 void quantize_block_avx2(const T* x, int64_t len, int qt, float* absmax_out,
+                                 uint8_t* out) {
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 vnan = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 v = load8(x + i);
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  float m = hmax8(vmax);
+  bool nan = _mm256_movemask_ps(vnan) != 0;
+  for (; i < len; ++i) {
+    const float v = to_float(x[i]);
+    if (std::fabs(v) > m) m = std::fabs(v);
+    if (v != v) nan = true;
+  }
+  if (nan) m = NAN;
+  *absmax_out = m;
+  const __m256 inv = _mm256_set1_ps(qk::inverse_absmax(m));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i lowbyte = _mm256_set1_epi16(0x00F0);
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m256i q0 = encode8(_mm256_mul_ps(load8(x + j), inv), qt);
+    const __m256i q1 = encode8(_mm256_mul_ps(load8(x + j + 8), inv), qt);
+    const __m256i q2 = encode8(_mm256_mul_ps(load8(x + j + 16), inv), qt);
+    const __m256i q3 = encode8(_mm256_mul_ps(load8(x + j + 24), inv), qt);
+    // 32 int32 codes -> 32 bytes in element order
+    __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+    b = _mm256_permutevar8x32_epi32(b, perm);
+    // byte pairs (c[2k], c[2k+1]) -> c[2k] << 4 | c[2k+1], as 16-bit lanes
+    const __m256i w = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 4), lowbyte),
+                                      _mm256_srli_epi16(b, 8));
+    const __m128i packed =
+        _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j / 2), packed);
+  }
+  const float inv_s = qk::inverse_absmax(m);
+  for (; j < len; j += 2) {
+    const int hi = qk::encode_4bit(qt, to_float(x[j]) * inv_s);
+    const int lo = j + 1 < len ? qk::encode_4bit(qt, to_float(x[j + 1]) * inv_s) : 0;
+    out[j / 2] = qk::pack_pair(hi, lo);
+  }
+}
+
+// 32 codes (16 packed bytes) in element order, as bytes.
+QK_AVX2 inline __m256i unpack32(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  const __m128i lo = _mm_and_si128(b, m);
+  return _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+}
+
+// float32 -> bfloat16 bits (round to nearest even) in the low half of each lane; the
+// values here are finite products, so NaN needs no special case.
+QK_AVX2 inline __m256i bf16_rne(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
+// Per-block table of the 16 outputs code[k] * absmax, rounded to the output dtype and split
+// into byte planes (byte b of every entry) broadcast to both 128-bit lanes for pshufb.
+template <typename OutT>
+QK_AVX2 inline void build_lut_planes(__m256 c0, __m256 c1, float m, __m256i* planes) {
+  const __m256 vm = _mm256_set1_ps(m);
+  const __m256 v0 = _mm256_mul_ps(c0, vm), v1 = _mm256_mul_ps(c1, vm);
+  __m256i h;  // 16 uint16 in index order
+  if constexpr (std::is_same_v<OutT, c10::Half>) {
+    h = _mm256_set_m128i(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT),
+                         _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    h = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_rne(v0), bf16_rne(v1)), 0xD8);
+  }
+  // per lane: [lo bytes of 8 entries, hi bytes of 8 entries]; then gather the two lanes
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i t = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(h, split), 0xD8);
+  planes[0] = _mm256_permute4x64_epi64(t, 0x44);  // low bytes of entries 0..15, both lanes
+  planes[1] = _mm256_permute4x64_epi64(t, 0xEE);  // high bytes
+}
+
+// 16-bit outputs (bf16/fp16) of one block.
+template <typename OutT>
+QK_AVX2 void dequant_block_avx2_16(const uint8_t* p, int64_t len, __m256 c0, __m256 c1, float m,
+                                   uint16_t* out) {
+  __m256i planes[2];
+  build_lut_planes<OutT>(c0, c1, m, planes);
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m256i idx = unpack32(p + j / 2);
+    const __m256i bl = _mm256_shuffle_epi8(planes[0], idx);
+    const __m256i bh = _mm256_shuffle_epi8(planes[1], idx);
+    const __m256i w0 = _mm256_unpacklo_epi8(bl, bh);  // elements 0..7 | 16..23
+    const __m256i w1 = _mm256_unpackhi_epi8(bl, bh);  // elements 8..15 | 24..31
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_permute2x128_si256(w0, w1, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 16),
+                        _mm256_permute2x128_si256(w0, w1, 0x31));
+  }
+  if (j < len) {
+    alignas(32) uint16_t lut[16];
+    const __m256i lo = _mm256_unpacklo_epi8(planes[0], planes[1]);  // entries 0..7 per lane
+    const __m256i hi = _mm256_unpackhi_epi8(planes[0], planes[1]);  // entries 8..15 per lane
+    _mm_store_si128(reinterpret_cast<__m128i*>(lut), _mm256_castsi256_si128(lo));
+    _mm_store_si128(reinterpret_cast<__m128i*>(lut + 8), _mm256_castsi256_si128(hi));
+    dequant_block_scalar(p, j, len, lut, out);
+  }
+}
+
+QK_AVX2 void dequant_block_avx2_32(const uint8_t* p, int64_t len, __m256 c0, __m256 c1, float m,
+                                   float* out) {
+  const __m256 vm = _mm256_set1_ps(m);
+  const __m256 l0 = _mm256_mul_ps(c0, vm);
+  const __m256 l1 = _mm256_mul_ps(c1, vm);
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m256i idx = unpack32(p + j / 2);
+    const __m128i halves[2] = {_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1)};
+    for (int h = 0; h < 2; ++h) {
+      for (int e = 0; e < 2; ++e) {
+        const __m256i i32 = _mm256_cvtepu8_epi32(e ? _mm_srli_si128(halves[h], 8) : halves[h]);
+        const __m256 a = _mm256_permutevar8x32_ps(l0, i32);
+        const __m256 b = _mm256_permutevar8x32_ps(l1, i32);
+        const __m256 r = _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i32, 28)));
+        _mm256_storeu_ps(out + j + 16 * h + 8 * e, r);
+      }
+    }
+  }
+  if (j < len) {
+    alignas(32) float lut[16];
+    _mm256_store_ps(lut, l0);
+    _mm256_store_ps(lut + 8, l1);
+    dequant_block_scalar(p, j, len, lut, out);
+  }
+}
+
+template <typename OutT, typename Bits>
+QK_AVX2 void dequantize_4bit_avx2(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                                  const float* nested_absmax, const float* nested_code, float offset,
+                                  const float* code, int64_t n, int64_t bs, Bits* out) {
+  const int64_t nblocks = (n + bs - 1) / bs;
+  const __m256 c0 = _mm256_loadu_ps(code), c1 = _mm256_loadu_ps(code + 8);
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * bs;
+    const int64_t len = std::min(bs, n - start);
+    // Fused double-quant decode: the block's absmax is rebuilt here, never stored.
+    const float m = qabsmax ? qk::decode_nested_absmax(qabsmax, nested_code, nested_absmax, offset, b)
+                            : absmax[b];
+    if constexpr (sizeof(Bits) == 2)
+      dequant_block_avx2_16<OutT>(packed + start / 2, len, c0, c1, m, out + start);
+    else
+      dequant_block_avx2_32(packed + start / 2, len, c0, c1, m, out + start);
+  }
+}
+#endif  // __x86_64__
+
+template <typename T>
+void quantize_4bit_impl(const T* x, int64_t n, int64_t bs, int qt, uint8_t* packed, float* absmax) {
+  const int64_t nblocks = (n + bs - 1) / bs;
+  const bool simd = has_avx2();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * bs;
+    const int64_t len = std::min(bs, n - start);
+#if defined(__x86_64__)
+    if (simd) {
+      quantize_block_avx2(x + start, len, qt, absmax + b, packed + start / 2);
+      continue;
+    }
+#endif
+    quantize_block_scalar(x + start, len, qt, absmax + b, packed + start / 2);
+  }
+}
+
+// The value stored for k in the per-block table, bitwise as the output dtype.
+template <typename OutT> struct Lut;
+template <> struct Lut<float> {
+  using bits = float;
+  static float make(float v) { return v; }
+};
+template <> struct Lut<c10::BFloat16> {
+  using bits = uint16_t;
+  static uint16_t make(float v) { return c10::BFloat16(v).x; }
+};
+template <> struct Lut<c10::Half> {
+  using bits = uint16_t;
+  static uint16_t make(float v) { return c10::Half(v).x; }
+};
+
+template <typename OutT>
+void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                          const float* nested_absmax, const float* nested_code, float offset,
+                          const float* code, int64_t n, int64_t bs, OutT* out_t) {
+  using Bits = typename Lut<OutT>::bits;
+  Bits* out = reinterpret_cast<Bits*>(out_t);
+#if defined(__x86_64__)
+  if (has_avx2()) {
+    dequantize_4bit_avx2<OutT, Bits>(packed, absmax, qabsmax, nested_absmax, nested_code, offset,
+                                     code, n, bs, out);
+    return;
+  }
+#endif
+  const int64_t nblocks = (n + bs - 1) / bs;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * bs;
+    const int64_t len = std::min(bs, n - start);
+    const float m = qabsmax ? qk::decode_nested_absmax(qabsmax, nested_code, nested_absmax, offset, b)
+                            : absmax[b];
+    Bits lut[16];
+    for (int k = 0; k < 16; ++k) lut[k] = Lut<OutT>::make(code[k] * m);
+    dequant_block_scalar(packed + start / 2, 0, len, lut, out + start);
+  }
+}
+
+// ------------------------------------------------------------------ op entry points
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t blocksize,
+                                                     c10::string_view quant_type) {
+  check_float_input(A, "quantize_4bit");
+  check_blocksize(blocksize);
+  const int qt = parse_quant_type(quant_type);
+  const at::Tensor x = A.contiguous();
+  const int64_t n = x.numel();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, x.options().dtype(at::kFloat));
+  dispatch_float(x.scalar_type(), "quantize_4bit", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    quantize_4bit_impl<scalar_t>(x.data_ptr<scalar_t>(), n, blocksize, qt,
+                                 packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+  });
+  return {packed, absmax};
+}
+
+void check_dequant_args(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                        int64_t blocksize, int64_t numel, at::ScalarType dtype,
+                        const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code) {
+  check_blocksize(blocksize);
+  TORCH_CHECK(numel >= 0, "dequantize_4bit: numel must be >= 0, got ", numel);
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "dequantize_4bit: packed must be uint8, got ",
+              packed.scalar_type());
+  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "dequantize_4bit: packed holds ", packed.numel(),
+              " bytes but numel ", numel, " needs ", (numel + 1) / 2);
+  const int64_t nblocks = (numel + blocksize - 1) / blocksize;
+  TORCH_CHECK(absmax.numel() == nblocks, "dequantize_4bit: absmax has ", absmax.numel(),
+              " entries, expected ", nblocks, " (numel ", numel, ", blocksize ", blocksize, ")");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16,
+              "dequantize_4bit: code must be a float32 tensor of 16 values");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "dequantize_4bit: output dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value(),
+              "dequantize_4bit: nested_absmax and nested_code go together");
+  if (nested_absmax.has_value()) {
+    TORCH_CHECK(absmax.scalar_type() == at::kByte,
+                "dequantize_4bit: a double-quantized absmax must be uint8, got ", absmax.scalar_type());
+    TORCH_CHECK(nested_absmax->scalar_type() == at::kFloat &&
+                    nested_absmax->numel() == (nblocks + qk::kNestedBlocksize - 1) / qk::kNestedBlocksize,
+                "dequantize_4bit: nested_absmax must be float32 with ceil(nblocks / 256) = ",
+                (nblocks + qk::kNestedBlocksize - 1) / qk::kNestedBlocksize, " entries");
+    TORCH_CHECK(nested_code->scalar_type() == at::kFloat && nested_code->numel() == 256,
+                "dequantize_4bit: nested_code must be a float32 tensor of 256 values");
+  } else {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat, "dequantize_4bit: absmax must be float32, got ",
+                absmax.scalar_type(), " (a uint8 absmax needs nested_absmax and nested_code)");
+  }
+}
+
+void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                             const at::Tensor& code, int64_t blocksize,
+                             const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& nested_code, double offset,
+                             at::Tensor& out) {
+  const int64_t numel = out.numel();
+  check_dequant_args(packed, absmax, code, blocksize, numel, out.scalar_type(), nested_absmax,
+                     nested_code);
+  TORCH_CHECK(out.is_contiguous(), "dequantize_4bit: out must be contiguous");
+  const at::Tensor p = packed.contiguous(), am = absmax.contiguous(), c = code.contiguous();
+  const bool nested = nested_absmax.has_value();
+  at::Tensor na = nested ? nested_absmax->contiguous() : at::Tensor();
+  at::Tensor nc = nested ? nested_code->contiguous() : at::Tensor();
+  const float* absmax_f = nested ? nullptr : am.data_ptr<float>();
+  const uint8_t* absmax_q = nested ? am.data_ptr<uint8_t>() : nullptr;
+  const float* na_p = nested ? na.data_ptr<float>() : nullptr;
+  const float* nc_p = nested ? nc.data_ptr<float>() : nullptr;
+  dispatch_float(out.scalar_type(), "dequantize_4bit", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dequantize_4bit_impl<scalar_t>(p.data_ptr<uint8_t>(), absmax_f, absmax_q, na_p, nc_p,
+                                   static_cast<float>(offset), c.data_ptr<float>(), numel,
+                                   blocksize, out.data_ptr<scalar_t>());
+  });
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                               const at::Tensor& code, int64_t blocksize, int64_t numel,
+                               at::ScalarType dtype, const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code, double offset) {
+  TORCH_CHECK(numel >= 0, "dequantize_4bit: numel must be >= 0, got ", numel);
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  dequantize_4bit_out_cpu(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_8bit_cpu(const at::Tensor& A, const at::Tensor& code,
+                                                     int64_t blocksize) {
+  check_float_input(A, "quantize_8bit");
+  TORCH_CHECK(blocksize > 0, "quantize_8bit: blocksize must be positive, got ", blocksize);
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256,
+              "quantize_8bit: code must be a float32 tensor of 256 sorted values");
+  const at::Tensor x = A.contiguous().to(at::kFloat);
+  const at::Tensor c = code.contiguous();
+  const int64_t n = x.numel();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  at::Tensor q = at::empty({n}, x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* ap = absmax.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
+    float m = 0.0f;
+    bool nan = false;
+    for (int64_t i = start; i < end; ++i) {
+      m = std::max(m, std::fabs(xp[i]));
+      nan |= xp[i] != xp[i];
+    }
+    if (nan) m = NAN;
+    ap[b] = m;
+    const float inv = qk::inverse_absmax(m);
+    for (int64_t i = start; i < end; ++i) qp[i] = (uint8_t)qk::encode_sorted256(cp, xp[i] * inv);
+  }
+  return {q, absmax};
+}
+
+at::Tensor dequantize_8bit_cpu(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+                               int64_t blocksize, at::ScalarType dtype) {
+  TORCH_CHECK(q.scalar_type() == at::kByte, "dequantize_8bit: q must be uint8, got ", q.scalar_type());
+  TORCH_CHECK(blocksize > 0, "dequantize_8bit: blocksize must be positive, got ", blocksize);
+  const int64_t n = q.numel();
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (n + blocksize - 1) / blocksize,
+              "dequantize_8bit: absmax must be float32 with ceil(numel / blocksize) entries");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256,
+              "dequantize_8bit: code must be a float32 tensor of 256 values");
+  const at::Tensor qc = q.contiguous(), ac = absmax.contiguous(), cc = code.contiguous();
+  at::Tensor out = at::empty({n}, q.options().dtype(at::kFloat));
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const float* ap = ac.data_ptr<float>();
+  const float* cp = cc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) op[i] = cp[qp[i]] * ap[i / blocksize];
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_kernels, CPU, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cpu);
+  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("dequantize_4bit_out", &dequantize_4bit_out_cpu);
+  m.impl("quantize_8bit", &quantize_8bit_cpu);
+  m.impl("dequantize_8bit", &dequantize_8bit_cpu);
+}
+
+}  // namespace qlora_kernels::cpu

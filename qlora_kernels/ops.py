@@ -1,0 +1,111 @@
+"""The ``torch.ops.qlora_kernels`` ops: fake (meta) kernels, and fallbacks.
+
+csrc/ops.cpp declares every schema in one ``TORCH_LIBRARY`` block and the compiled
+kernels register per device. This module adds what Python owns:
+
+* ``register_fake`` kernels, so the ops trace under ``torch.compile`` and FakeTensor;
+* when the extension is missing, the same schemas (``SCHEMAS`` below; a test checks they
+  match the C++ ones) with the PyTorch reference as their implementation;
+* on CUDA devices without compiled CUDA kernels, the Triton kernels (or the reference).
+
+Example:
+    >>> import torch, qlora_kernels
+    >>> packed, absmax = torch.ops.qlora_kernels.quantize_4bit(torch.randn(64), 64, "nf4")
+    >>> packed.shape
+    torch.Size([32, 1])
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+from .backends import torch as reference  # the submodule, not the torch package
+
+# Mirrors csrc/ops.cpp (tests/test_ops.py compares them when the extension is loaded).
+SCHEMAS = {
+    "quantize_4bit": "quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)",
+    "dequantize_4bit": (
+        "dequantize_4bit(Tensor packed, Tensor absmax, Tensor code, int blocksize, int numel, "
+        "ScalarType dtype, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+        "float offset=0.0) -> Tensor"
+    ),
+    "dequantize_4bit_out": (
+        "dequantize_4bit_out(Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+        "Tensor? nested_absmax, Tensor? nested_code, float offset, Tensor(a!) out) -> ()"
+    ),
+    "quantize_8bit": "quantize_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    "dequantize_8bit": (
+        "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
+        "-> Tensor"
+    ),
+}
+
+# Ops with a reference implementation that can stand in for a missing kernel.
+_REFERENCE_IMPLS = {
+    "quantize_4bit": reference.quantize_4bit,
+    "dequantize_4bit": reference.dequantize_4bit,
+    "dequantize_4bit_out": reference.dequantize_4bit_out,
+    "quantize_8bit": reference.quantize_8bit,
+    "dequantize_8bit": reference.dequantize_8bit,
+}
+
+_fallback_lib = None
+
+
+def _register_fallbacks() -> None:
+    global _fallback_lib
+    if not _extension.EXTENSION_LOADED:
+        _fallback_lib = torch.library.Library("qlora_kernels", "DEF")
+        for name, schema in SCHEMAS.items():
+            _fallback_lib.define(schema)
+            _fallback_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
+        return
+    # Extension loaded: CUDA tensors still need a kernel when it was built without CUDA.
+    if torch.version.cuda is None:
+        return
+    impl_lib = torch.library.Library("qlora_kernels", "IMPL")
+    try:
+        from .backends import triton as triton_backend
+    except Exception:  # triton missing or broken: the reference keeps CUDA tensors working
+        triton_backend = None
+    for name, ref_fn in _REFERENCE_IMPLS.items():
+        if not _extension.has_kernel(name, "CUDA"):
+            fn = getattr(triton_backend, name, None) if triton_backend is not None else None
+            impl_lib.impl(name, fn or ref_fn, "CUDA")
+    _fallback_lib = impl_lib
+
+
+_register_fallbacks()
+
+
+# --------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("qlora_kernels::quantize_4bit")
+def _quantize_4bit_fake(A, blocksize, quant_type):
+    n = A.numel()
+    return (A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            A.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+@torch.library.register_fake("qlora_kernels::dequantize_4bit")
+def _dequantize_4bit_fake(packed, absmax, code, blocksize, numel, dtype,
+                          nested_absmax=None, nested_code=None, offset=0.0):
+    torch._check(packed.numel() == (numel + 1) // 2, lambda: "packed does not match numel")
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.register_fake("qlora_kernels::dequantize_4bit_out")
+def _dequantize_4bit_out_fake(packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
+                              out):
+    return None
+
+
+@torch.library.register_fake("qlora_kernels::quantize_8bit")
+def _quantize_8bit_fake(A, code, blocksize):
+    n = A.numel()
+    return (A.new_empty((n,), dtype=torch.uint8),
+            A.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+@torch.library.register_fake("qlora_kernels::dequantize_8bit")
+def _dequantize_8bit_fake(q, absmax, code, blocksize, dtype):
+    return q.new_empty((q.numel(),), dtype=dtype)
