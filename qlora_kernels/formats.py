@@ -66,18 +66,41 @@ def get_4bit_code(quant_type: str, device="cpu") -> torch.Tensor:
     return _code_cpu(quant_type).to(device).clone()
 
 
+def floor_midpoints(sorted_values: torch.Tensor) -> torch.Tensor:
+    """For neighbouring float32 values, the largest float32 not above their exact midpoint.
+
+    With these thresholds, "s > t" for a float32 s holds exactly when s lies above the real
+    midpoint, so counting thresholds below s gives the nearest value with ties to the lower
+    index. (Rounding the midpoint to nearest instead can land one ulp above it.)
+
+    Example:
+        >>> floor_midpoints(torch.tensor([0.0, 1.0])).item()
+        0.5
+    """
+    v = sorted_values.to(torch.float64)
+    mid = (v[:-1] + v[1:]) / 2  # exact: the sum of two float32 fits a float64 here
+    t = mid.to(torch.float32)
+    above = t.to(torch.float64) > mid
+    return torch.where(above, torch.nextafter(t, torch.full_like(t, -float("inf"))), t)
+
+
+@functools.lru_cache(maxsize=None)
+def _thresholds_cpu(quant_type: str) -> torch.Tensor:
+    code = _code_cpu(check_quant_type(quant_type))
+    if quant_type == "fp4":
+        return floor_midpoints(code[:8].sort().values)  # magnitudes; the sign is a bit
+    return floor_midpoints(code)
+
+
 def encode_thresholds(quant_type: str) -> torch.Tensor:
-    """float32 midpoints the encoder compares against (FP4: midpoints of sorted magnitudes).
+    """float32 thresholds the 4-bit encoder counts (FP4: over sorted magnitudes); see
+    ``floor_midpoints``. The C++ header holds the same numbers.
 
     Example:
         >>> encode_thresholds("nf4").shape
         torch.Size([15])
     """
-    code = _code_cpu(check_quant_type(quant_type))
-    if quant_type == "fp4":
-        mag = code[:8].sort().values
-        return (mag[:-1] + mag[1:]) / 2
-    return (code[:-1] + code[1:]) / 2
+    return _thresholds_cpu(quant_type).clone()
 
 
 def fp4_rank_to_pattern(rank: torch.Tensor) -> torch.Tensor:

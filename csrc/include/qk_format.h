@@ -36,23 +36,25 @@ constexpr int kNestedBlocksize = 256;  // blocks of absmax values in double quan
       0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,                \
       0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,                 \
       0.7229568362236023f, 1.0f
-// float32 midpoints of neighbouring NF4 values, ascending
+// Thresholds: for each pair of neighbouring values, the largest float32 not above their
+// exact midpoint (hex literals, so no decimal-rounding ambiguity). For float32 s,
+// `s > t` then holds exactly when s lies above the real midpoint, which makes the count of
+// thresholds below s the nearest index with ties to the lower one. formats.py derives the
+// same numbers and tests/test_formats.py checks they agree.
 #define QK_NF4_THRESHOLDS                                                              \
-  -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f,                    \
-      -0.33967943489551544f, -0.23460740596055984f, -0.13791173323988914f,             \
-      -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,               \
-      0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,                   \
-      0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f
+  -0x1.b239b2p-1f, -0x1.38a4e2p-1f, -0x1.d709p-2f, -0x1.5bd4eep-2f, -0x1.e079dap-3f,       \
+      -0x1.1a7178p-3f, -0x1.74f0e2p-5f, 0x1.45f5fep-5f, 0x1.ec90c4p-4f, 0x1.a0cfcp-3f,     \
+      0x1.2b05a8p-2f, 0x1.8ea7f2p-2f, 0x1.00da06p-1f, 0x1.491b5ep-1f, 0x1.b913b2p-1f
 // FP4 E2M1 as bitsandbytes orders it: [0, 0.0625, 8, 12, 4, 6, 2, 3] / 12, then negated
 #define QK_FP4_VALUES                                                                  \
   0.0f, 0.0052083334885537624f, 0.6666666865348816f, 1.0f, 0.3333333432674408f, 0.5f,  \
       0.1666666716337204f, 0.25f, -0.0f, -0.0052083334885537624f,                      \
       -0.6666666865348816f, -1.0f, -0.3333333432674408f, -0.5f,                        \
       -0.1666666716337204f, -0.25f
-// float32 midpoints of the sorted FP4 magnitudes (0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1)
+// thresholds of the sorted FP4 magnitudes (0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1)
 #define QK_FP4_MAG_THRESHOLDS                                                          \
-  0.0026041667442768812f, 0.0859375f, 0.2083333432674408f, 0.2916666865348816f,        \
-      0.4166666865348816f, 0.5833333730697632f, 0.8333333730697632f
+  0x1.555556p-9f, 0x1.6p-4f, 0x1.aaaaaap-3f, 0x1.2aaaaap-2f, 0x1.aaaaaap-2f, 0x1.2aaaaap-1f, \
+      0x1.aaaaaap-1f
 // symmetric absmax int4: index i holds (i - 8) / 7; index 0 (-8/7) is never produced
 #define QK_INT4_VALUES                                                                 \
   -1.1428571939468384f, -1.0f, -0.8571428656578064f, -0.7142857313156128f,             \
@@ -61,11 +63,9 @@ constexpr int kNestedBlocksize = 256;  // blocks of absmax values in double quan
       0.4285714328289032f, 0.5714285969734192f, 0.7142857313156128f,                   \
       0.8571428656578064f, 1.0f
 #define QK_INT4_THRESHOLDS                                                             \
-  -1.0714285373687744f, -0.9285714626312256f, -0.7857142686843872f,                    \
-      -0.6428571939468384f, -0.5f, -0.3571428656578064f, -0.2142857313156128f,         \
-      -0.0714285746216774f, 0.0714285746216774f, 0.2142857313156128f,                  \
-      0.3571428656578064f, 0.5f, 0.6428571939468384f, 0.7857142686843872f,             \
-      0.9285714626312256f
+  -0x1.124926p+0f, -0x1.db6db8p-1f, -0x1.924926p-1f, -0x1.492494p-1f, -0x1.000002p-1f,     \
+      -0x1.6db6dcp-2f, -0x1.b6db7p-3f, -0x1.24924ap-4f, 0x1.24924ap-4f, 0x1.b6db6ep-3f,    \
+      0x1.6db6dcp-2f, 0x1p-1f, 0x1.492492p-1f, 0x1.924924p-1f, 0x1.db6db6p-1f
 
 // Host-side copies for the CPU SIMD paths and the table-export op. Device code uses the
 // encode functions below, whose local tables the compiler folds into immediates.
