@@ -14,13 +14,16 @@ from .backends import available_backends, resolve_backend_name
 from .formats import dynamic_map, fp8_e4m3_map, get_4bit_code, nf4_from_normal_quantiles
 from .functional import (dequantize_4bit, dequantize_absmax, dequantize_blockwise,
                          double_quantize_absmax, quantize_4bit, quantize_blockwise)
+from .memory import bits_per_parameter, estimate_memory
 from .quant_state import QuantState
+from .serialization import load_quantized, save_quantized, split_quantized
 
 __version__ = "0.1.0"
 EXTENSION_LOADED = _extension.EXTENSION_LOADED
 
 __all__ = [
-    "QuantState", "available_backends", "dequantize_4bit", "dequantize_absmax",
+    "QuantState", "available_backends", "bits_per_parameter", "estimate_memory",
+    "load_quantized", "save_quantized", "split_quantized", "dequantize_4bit", "dequantize_absmax",
     "dequantize_blockwise", "double_quantize_absmax", "dynamic_map", "fp8_e4m3_map",
     "get_4bit_code", "nf4_from_normal_quantiles", "quantize_4bit", "quantize_blockwise",
     "resolve_backend_name",

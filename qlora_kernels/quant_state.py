@@ -96,7 +96,7 @@ class QuantState:
     def __eq__(self, other) -> bool:
         if not isinstance(other, QuantState):
             return NotImplemented
-        same_meta = (torch.Size(self.shape) == torch.Size(other.shape) and self.dtype == other.dtype
+        same_meta = (self.shape == other.shape and self.dtype == other.dtype
                      and self.blocksize == other.blocksize and self.quant_type == other.quant_type
                      and self.offset == other.offset and self.nested == other.nested)
         return bool(same_meta and self.absmax.dtype == other.absmax.dtype

@@ -1,0 +1,137 @@
+"""Memory accounting: real bits per parameter of a packed tensor, and the QLoRA memory
+estimator behind ``qlora-kernels memory``.
+
+Example:
+    >>> import qlora_kernels as qk
+    >>> round(qk.estimate_memory(65e9).weights_nf4_dq_gb, 1)
+    33.5
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .formats import NESTED_BLOCKSIZE
+from .quant_state import QuantState
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def quantized_nbytes(packed: torch.Tensor, state: QuantState) -> int:
+    """Bytes held by a packed 4-bit tensor and everything needed to decode it."""
+    total = _nbytes(packed) + _nbytes(state.absmax) + _nbytes(state.code)
+    if state.nested:
+        total += _nbytes(state.state2.absmax) + _nbytes(state.state2.code) + 4  # + offset
+    return total
+
+
+def bits_per_parameter(packed: torch.Tensor, state: QuantState) -> float:
+    """Real bits per parameter: packed codes + absmax + nested scales + tables, counted in
+    full (they amortize to nothing on large tensors).
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> round(qk.bits_per_parameter(*qk.quantize_4bit(torch.randn(4096, 4096))), 3)
+        4.127
+    """
+    return 8.0 * quantized_nbytes(packed, state) / state.numel
+
+
+def bits_per_parameter_formula(blocksize: int = 64, double_quant: bool = True) -> float:
+    """4 + the scale overhead: 32/blocksize, or 8/blocksize + 32/(blocksize*256) with DQ.
+
+    Example:
+        >>> round(bits_per_parameter_formula(64, True), 3)
+        4.127
+    """
+    if double_quant:
+        return 4 + 8 / blocksize + 32 / (blocksize * NESTED_BLOCKSIZE)
+    return 4 + 32 / blocksize
+
+
+# LLaMA-family shapes (hidden, intermediate, layers, kv fraction) for the LoRA count.
+_LLAMA_SHAPES = {
+    7e9: (4096, 11008, 32, 1.0),
+    13e9: (5120, 13824, 40, 1.0),
+    33e9: (6656, 17920, 60, 1.0),
+    65e9: (8192, 22016, 80, 1.0),
+    70e9: (8192, 28672, 80, 0.125),
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes (as GB = 1e9 bytes) for QLoRA fine-tuning of a model with ``n_params``."""
+
+    n_params: float
+    weights_bf16_gb: float
+    weights_nf4_gb: float
+    weights_nf4_dq_gb: float
+    lora_params: float
+    lora_weights_gb: float
+    lora_grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    total_gb: float
+    world_size: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def lora_param_count(n_params: float, r: int = 64) -> float:
+    """LoRA parameters (A and B) on all linear layers of the LLaMA model closest in size:
+    r * (in + out) per linear, q/k/v/o and gate/up/down in every layer.
+
+    Example:
+        >>> round(lora_param_count(7e9) / 1e6)
+        160
+    """
+    key = min(_LLAMA_SHAPES, key=lambda k: abs(k - n_params))
+    h, i, layers, kv = _LLAMA_SHAPES[key]
+    per_layer = (2 * (h + h)            # q, o
+                 + 2 * (h + int(h * kv))  # k, v
+                 + 2 * (h + i)          # gate, up
+                 + (i + h))             # down
+    return float(r * per_layer * layers)
+
+
+def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_bytes: int = 2,
+                    optimizer_bytes_per_param: int = 8, world_size: int = 1,
+                    seq_len: int = 2048, batch_size: int = 1,
+                    checkpointing: bool = True) -> MemoryEstimate:
+    """Per-device memory of QLoRA fine-tuning, the QLoRA paper's accounting.
+
+    Weights in bf16 vs NF4 vs NF4 + double quantization (all parameters counted at the
+    4-bit rate, as in the paper); LoRA adapters (r, all linear layers) in ``lora_bytes``
+    per parameter with gradients of the same size and AdamW state of
+    ``optimizer_bytes_per_param`` (two float32 moments); activations of one checkpointed
+    sequence (layer inputs only, bf16). With ``world_size`` > 1 (FSDP) weights, adapters
+    and optimizer state are divided across devices; activations are not.
+
+    Example:
+        >>> e = estimate_memory(7e9)
+        >>> round(e.weights_bf16_gb), round(e.weights_nf4_dq_gb, 1)
+        (14, 3.6)
+    """
+    gb = 1e9
+    ws = max(int(world_size), 1)
+    bf16 = n_params * 2 / gb
+    nf4 = n_params * bits_per_parameter_formula(blocksize, False) / 8 / gb
+    nf4_dq = n_params * bits_per_parameter_formula(blocksize, True) / 8 / gb
+    lora = lora_param_count(n_params, r)
+    lora_w = lora * lora_bytes / gb
+    lora_g = lora * lora_bytes / gb
+    opt = lora * optimizer_bytes_per_param / gb
+    key = min(_LLAMA_SHAPES, key=lambda k: abs(k - n_params))
+    h, _, layers, _ = _LLAMA_SHAPES[key]
+    per_layer_act = seq_len * batch_size * h * 2
+    act = (per_layer_act * layers if checkpointing else per_layer_act * layers * 16) / gb
+    total = (nf4_dq + lora_w + lora_g + opt) / ws + act
+    return MemoryEstimate(n_params=n_params, weights_bf16_gb=bf16, weights_nf4_gb=nf4,
+                          weights_nf4_dq_gb=nf4_dq, lora_params=lora, lora_weights_gb=lora_w,
+                          lora_grads_gb=lora_g, optimizer_gb=opt, activations_gb=act,
+                          total_gb=total, world_size=ws)
