@@ -1,0 +1,88 @@
+"""Quantize / dequantize speed per backend against the reference and a memory copy.
+
+For each shape (4096x4096 and the 14336x4096 MLP weight, bf16) and each available backend:
+median time, achieved GB/s (bytes the kernel must move), and the ratio to a device memory
+copy moving the same number of bytes, measured in the same run. Dequantize is timed into a
+preallocated output (``out=``), like the copy; with and without double quantization.
+
+Usage: python benchmarks/bench_quantize.py [--json out.json] [--quick] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qlora_kernels as qk  # noqa: E402
+from benchmarks.timing import copy_time, device_info, median_time  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096)]
+
+
+def bench(device: str, shapes, backends, reps: int):
+    rows = []
+    for shape in shapes:
+        w = torch.randn(*shape, dtype=torch.bfloat16, device=device)
+        n = w.numel()
+        packed, s_plain = qk.quantize_4bit(w, double_quant=False)
+        _, s_dq = qk.quantize_4bit(w, double_quant=True)
+        out = torch.empty_like(w)
+        q_bytes = n * 2 + packed.numel() + s_plain.absmax.numel() * 4
+        d_bytes = packed.numel() + s_plain.absmax.numel() * 4 + n * 2
+        t_copy_q = copy_time(q_bytes, device, reps=reps)
+        t_copy_d = copy_time(d_bytes, device, reps=reps)
+        for be in backends:
+            cases = {
+                "quantize": (lambda: qk.quantize_4bit(w, double_quant=False, backend=be),
+                             q_bytes, t_copy_q),
+                "quantize+DQ": (lambda: qk.quantize_4bit(w, double_quant=True, backend=be),
+                                q_bytes, t_copy_q),
+                "dequantize": (lambda: qk.dequantize_4bit(packed, s_plain, out=out, backend=be),
+                               d_bytes, t_copy_d),
+                "dequantize+DQ": (lambda: qk.dequantize_4bit(packed, s_dq, out=out, backend=be),
+                                  d_bytes, t_copy_d),
+            }
+            for op, (fn, nbytes, t_copy) in cases.items():
+                t = median_time(fn, device, reps=reps if be != "torch" else max(3, reps // 3))
+                rows.append({"shape": list(shape), "backend": be, "op": op, "ms": t * 1e3,
+                             "GB/s": nbytes / t / 1e9, "copy_ms": t_copy * 1e3,
+                             "x_copy": t / t_copy})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--quick", action="store_true", help="small shape, few repetitions")
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args(argv)
+    shapes = [(1024, 1024)] if args.quick else SHAPES
+    reps = 3 if args.quick else args.reps
+    dev_type = torch.device(args.device).type
+    # interpreted Triton on the CPU measures the interpreter, not the kernel
+    backends = [b for b in qk.available_backends(dev_type) if not (dev_type == "cpu" and b == "triton")]
+    rows = bench(args.device, shapes, backends, reps)
+    info = device_info(args.device)
+    print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}")
+    print(f"{'shape':>12} {'backend':>7} {'op':>14} {'ms':>8} {'GB/s':>7} {'copy ms':>8} {'x copy':>7}")
+    for r in rows:
+        print(f"{'x'.join(map(str, r['shape'])):>12} {r['backend']:>7} {r['op']:>14} {r['ms']:>8.2f} "
+              f"{r['GB/s']:>7.1f} {r['copy_ms']:>8.2f} {r['x_copy']:>7.2f}")
+    by = {(tuple(r["shape"]), r["backend"], r["op"]): r["ms"] for r in rows}
+    for shape in shapes:
+        for be in backends:
+            plain, dq = by[(tuple(shape), be, "dequantize")], by[(tuple(shape), be, "dequantize+DQ")]
+            print(f"DQ overhead {shape} {be}: {100 * (dq / plain - 1):+.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

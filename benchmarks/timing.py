@@ -1,0 +1,67 @@
+"""Timing helpers shared by the benchmark scripts.
+
+CPU: repeated ``time.perf_counter`` after warm-up, median. GPU: CUDA events, median.
+
+Example:
+    >>> from benchmarks.timing import median_time
+    >>> median_time(lambda: sum(range(100)), device="cpu", warmup=1, reps=3) > 0
+    True
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, device="cpu", warmup: int = 3, reps: int = 15) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_time(nbytes: int, device="cpu", **kw) -> float:
+    """Median seconds of a device memory copy that moves ``nbytes`` in total (half read,
+    half written), into a preallocated buffer."""
+    half = max(int(nbytes) // 2, 1)
+    src = torch.randint(0, 255, (half,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return median_time(lambda: dst.copy_(src), device=device, **kw)
+
+
+def device_info(device="cpu") -> dict:
+    """Device name, torch version and thread count, for result files."""
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+    if torch.device(device).type == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = platform.processor() or platform.machine()
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    info["device"] = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return info
