@@ -61,6 +61,15 @@ TORCH_LIBRARY(qlora_kernels, m) {
   m.def("gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
         "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
         "float offset=0.0) -> Tensor");
+  // x[..., K] @ W^T (+ bias) -> [..., N], differentiable w.r.t. x and bias (autograd in
+  // qlora_kernels/matmul.py, which also implements it: GEMV or GEMM path chosen by shape)
+  m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+        "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+        "float offset=0.0, Tensor? bias=None) -> Tensor");
+  // grad_y[..., N] @ W -> [..., K]: the input gradient of matmul_4bit
+  m.def("matmul_4bit_backward(Tensor grad_y, Tensor packed, Tensor absmax, Tensor code, "
+        "int blocksize, int in_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+        "float offset=0.0) -> Tensor");
   // Fused AdamW (decoupled weight decay, bias correction) in place on param and state.
   m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "

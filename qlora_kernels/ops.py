@@ -38,6 +38,22 @@ SCHEMAS = {
         "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
         "-> Tensor"
     ),
+    "gemv_4bit": (
+        "gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+        "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+        "float offset=0.0) -> Tensor"
+    ),
+    # implemented in Python by qlora_kernels/matmul.py, whatever the build
+    "matmul_4bit": (
+        "matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+        "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+        "float offset=0.0, Tensor? bias=None) -> Tensor"
+    ),
+    "matmul_4bit_backward": (
+        "matmul_4bit_backward(Tensor grad_y, Tensor packed, Tensor absmax, Tensor code, "
+        "int blocksize, int in_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+        "float offset=0.0) -> Tensor"
+    ),
 }
 
 # Ops with a reference implementation that can stand in for a missing kernel.
@@ -47,6 +63,7 @@ _REFERENCE_IMPLS = {
     "dequantize_4bit_out": reference.dequantize_4bit_out,
     "quantize_8bit": reference.quantize_8bit,
     "dequantize_8bit": reference.dequantize_8bit,
+    "gemv_4bit": reference.gemv_4bit,
 }
 
 _fallback_lib = None
@@ -58,7 +75,8 @@ def _register_fallbacks() -> None:
         _fallback_lib = torch.library.Library("qlora_kernels", "DEF")
         for name, schema in SCHEMAS.items():
             _fallback_lib.define(schema)
-            _fallback_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
+            if name in _REFERENCE_IMPLS:
+                _fallback_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
         return
     # Extension loaded: CUDA tensors still need a kernel when it was built without CUDA.
     if torch.version.cuda is None:
@@ -97,6 +115,12 @@ def _dequantize_4bit_fake(packed, absmax, code, blocksize, numel, dtype,
 def _dequantize_4bit_out_fake(packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
                               out):
     return None
+
+
+@torch.library.register_fake("qlora_kernels::gemv_4bit")
+def _gemv_4bit_fake(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
+                    nested_code=None, offset=0.0):
+    return x.new_empty((x.shape[0], out_features))
 
 
 @torch.library.register_fake("qlora_kernels::quantize_8bit")

@@ -112,3 +112,12 @@ def dequantize_8bit(q, absmax, code, blocksize: int, dtype: torch.dtype):
     n = q.numel()
     scale = absmax.float().reshape(-1).repeat_interleave(blocksize)[:n]
     return (code.float()[q.reshape(-1).long()] * scale).to(dtype)
+
+
+def gemv_4bit(x, packed, absmax, code, blocksize: int, out_features: int,
+              nested_absmax=None, nested_code=None, offset: float = 0.0):
+    """y[M, N] = x[M, K] @ W^T in float32, returned in x's dtype."""
+    k = x.shape[-1]
+    w = dequantize_4bit(packed, absmax, code, blocksize, out_features * k, torch.float32,
+                        nested_absmax, nested_code, offset).view(out_features, k)
+    return (x.float() @ w.T).to(x.dtype)

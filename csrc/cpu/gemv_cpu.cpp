@@ -1,0 +1,213 @@
+// CPU fused 4-bit GEMV: y[M, N] = x[M, K] @ W^T, W (N, K) packed 4-bit row-major.
+//
+// Streams the packed weight once (OpenMP over output rows n), decodes the (double-
+// quantized) absmax of each block on the fly and accumulates in float32. The fast path
+// (AVX2, K a multiple of the blocksize) decodes 32 codes per 16 packed bytes with four
+// pshufb lookups into the byte planes of the float32 code table, which yields the floats
+// in a fixed lane-interleaved order; x is permuted once into that order so no shuffle is
+// needed per weight. Per block, sum(code[q] * x) is scaled by the block's absmax.
+// Other shapes take a scalar path with the same arithmetic.
+#include <omp.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "cpu_common.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace qlora_kernels::cpu {
+namespace {
+
+inline float block_absmax(const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                          const float* nested_code, float offset, int64_t b) {
+  return qabsmax ? qk::decode_nested_absmax(qabsmax, nested_code, nested_absmax, offset, b)
+                 : absmax[b];
+}
+
+struct GemvArgs {
+  const float* x;  // [M, K] float32 (permuted per 32-group on the fast path)
+  const uint8_t* packed;
+  const float* absmax;
+  const uint8_t* qabsmax;
+  const float* nested_absmax;
+  const float* nested_code;
+  float offset;
+  const float* code;
+  int64_t M, N, K, bs;
+  float* y;  // [M, N]
+};
+
+void gemv_scalar(const GemvArgs& a) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < a.N; ++n) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      float acc = 0.0f;
+      const float* xr = a.x + m * a.K;
+      for (int64_t k = 0; k < a.K; ++k) {
+        const int64_t i = n * a.K + k;
+        const uint8_t byte = a.packed[i / 2];
+        const int q = (i & 1) ? qk::unpack_lo(byte) : qk::unpack_hi(byte);
+        const float w = a.code[q] * block_absmax(a.absmax, a.qabsmax, a.nested_absmax,
+                                                 a.nested_code, a.offset, i / a.bs);
+        acc += w * xr[k];
+      }
+      a.y[m * a.N + n] = acc;
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// Order in which decode32 produces the 32 elements of a group (see the header comment):
+// vector j holds even elements 8j, 8j+2, 8j+4, 8j+6 then odd ones 8j+1, ..., 8j+7.
+inline int64_t permuted_position(int64_t e) {
+  const int64_t j = (e / 2) / 4, i = (e / 2) % 4, odd = e & 1;
+  return j * 8 + odd * 4 + i;
+}
+
+struct CodePlanes {
+  __m256i p[4];  // byte k of each of the 16 float32 code values, both lanes
+};
+
+QK_AVX2 inline CodePlanes make_planes(const float* code) {
+  alignas(16) uint8_t bytes[4][16];
+  for (int v = 0; v < 16; ++v) {
+    uint32_t u;
+    std::memcpy(&u, code + v, 4);
+    for (int k = 0; k < 4; ++k) bytes[k][v] = (u >> (8 * k)) & 0xFF;
+  }
+  CodePlanes c;
+  for (int k = 0; k < 4; ++k)
+    c.p[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[k])));
+  return c;
+}
+
+QK_AVX2 inline void decode32(const uint8_t* p, const CodePlanes& c, __m256 f[4]) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m256i idx = _mm256_set_m128i(_mm_and_si128(b, mask),                       // odd elements
+                                       _mm_and_si128(_mm_srli_epi16(b, 4), mask));  // even elements
+  const __m256i b0 = _mm256_shuffle_epi8(c.p[0], idx), b1 = _mm256_shuffle_epi8(c.p[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(c.p[2], idx), b3 = _mm256_shuffle_epi8(c.p[3], idx);
+  const __m256i u01l = _mm256_unpacklo_epi8(b0, b1), u01h = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i u23l = _mm256_unpacklo_epi8(b2, b3), u23h = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(u01l, u23l));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(u01l, u23l));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(u01h, u23h));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(u01h, u23h));
+}
+
+QK_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// MR rows of x against one weight row; 4 accumulators per row hide the FMA latency.
+template <int MR>
+QK_AVX2 void gemv_row_avx2(const GemvArgs& a, const CodePlanes& c, int64_t n, int64_t m0) {
+  const int64_t nb = a.K / a.bs, groups = a.bs / 32;
+  const uint8_t* wrow = a.packed + n * a.K / 2;
+  __m256 total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nb; ++j) {
+    __m256 acc[MR][4];
+    for (int r = 0; r < MR; ++r)
+      for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = j * a.bs + g * 32;
+      __m256 f[4];
+      decode32(wrow + k0 / 2, c, f);
+      for (int r = 0; r < MR; ++r) {
+        const float* xr = a.x + (m0 + r) * a.K + k0;
+        for (int t = 0; t < 4; ++t)
+          acc[r][t] = _mm256_fmadd_ps(f[t], _mm256_loadu_ps(xr + 8 * t), acc[r][t]);
+      }
+    }
+    const __m256 scale = _mm256_set1_ps(block_absmax(a.absmax, a.qabsmax, a.nested_absmax,
+                                                     a.nested_code, a.offset, n * nb + j));
+    for (int r = 0; r < MR; ++r) {
+      const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
+                                     _mm256_add_ps(acc[r][2], acc[r][3]));
+      total[r] = _mm256_fmadd_ps(s, scale, total[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) a.y[(m0 + r) * a.N + n] = hsum8(total[r]);
+}
+
+QK_AVX2 void gemv_avx2(const GemvArgs& a) {
+  const CodePlanes c = make_planes(a.code);
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < a.N; ++n) {
+    int64_t m = 0;
+    for (; m + 2 <= a.M; m += 2) gemv_row_avx2<2>(a, c, n, m);
+    if (m < a.M) gemv_row_avx2<1>(a, c, n, m);
+  }
+}
+#endif
+
+at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         const at::Tensor& code, int64_t blocksize, int64_t out_features,
+                         const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code, double offset) {
+  check_float_input(x, "gemv_4bit");
+  TORCH_CHECK(x.dim() == 2, "gemv_4bit: x must be 2-D [M, K], got ", x.dim(), " dims");
+  check_blocksize(blocksize);
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  TORCH_CHECK(N > 0 && K > 0, "gemv_4bit: empty weight (N=", N, ", K=", K, ")");
+  const int64_t n = N * K;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2,
+              "gemv_4bit: packed must be uint8 with (N*K+1)/2 = ", (n + 1) / 2,
+              " bytes for a ", N, "x", K, " weight, got ", packed.numel(), " ", packed.scalar_type());
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(absmax.numel() == nblocks, "gemv_4bit: absmax has ", absmax.numel(),
+              " entries, the weight has ", nblocks, " blocks");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16,
+              "gemv_4bit: code must be a float32 tensor of 16 values");
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK(nested == nested_code.has_value(), "gemv_4bit: nested_absmax and nested_code go together");
+  TORCH_CHECK(absmax.scalar_type() == (nested ? at::kByte : at::kFloat),
+              "gemv_4bit: absmax must be ", nested ? "uint8 (double-quantized)" : "float32");
+  if (nested)
+    TORCH_CHECK(nested_code->numel() == 256 && nested_absmax->numel() ==
+                    (nblocks + qk::kNestedBlocksize - 1) / qk::kNestedBlocksize,
+                "gemv_4bit: nested state does not match the weight");
+
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor p = packed.contiguous(), am = absmax.contiguous(), c = code.contiguous();
+  at::Tensor na = nested ? nested_absmax->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor nc = nested ? nested_code->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  GemvArgs a{nullptr, p.data_ptr<uint8_t>(), nested ? nullptr : am.data_ptr<float>(),
+             nested ? am.data_ptr<uint8_t>() : nullptr, nested ? na.data_ptr<float>() : nullptr,
+             nested ? nc.data_ptr<float>() : nullptr, static_cast<float>(offset),
+             c.data_ptr<float>(), M, N, K, blocksize, y.data_ptr<float>()};
+#if defined(__x86_64__)
+  if (has_avx2() && K % blocksize == 0) {
+    // permute x once into the order decode32 produces (per group of 32 elements)
+    at::Tensor xp = at::empty_like(xf);
+    const float* src = xf.data_ptr<float>();
+    float* dst = xp.data_ptr<float>();
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = 0; k < K; ++k)
+        dst[r * K + (k / 32) * 32 + permuted_position(k % 32)] = src[r * K + k];
+    a.x = dst;
+    gemv_avx2(a);
+    return y.to(x.scalar_type());
+  }
+#endif
+  a.x = xf.data_ptr<float>();
+  gemv_scalar(a);
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_kernels, CPU, m) { m.impl("gemv_4bit", &gemv_4bit_cpu); }
+
+}  // namespace qlora_kernels::cpu

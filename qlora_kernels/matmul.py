@@ -1,0 +1,187 @@
+"""The fused 4-bit matmul: ``matmul_4bit(x, packed, state, bias)`` = ``x @ W^T + bias``.
+
+The ``qlora_kernels::matmul_4bit`` op (schema in csrc/ops.cpp) is implemented here and
+picks a path by shape and device:
+
+* GEMV (few rows of x, e.g. token-by-token generation): the fused kernel that streams the
+  packed weight once (``gemv_4bit``: AVX2 on the CPU, CUDA on GPUs).
+* GEMM (training, prefill): on GPUs the Triton kernel that dequantizes tiles of W in
+  registers; on the CPU, dequantize W to float32 for the duration of one dense float32
+  GEMM (float32 is the fastest correct path on AVX2 CPUs without native bf16), then round
+  to the input dtype.
+
+The row thresholds come from ``benchmarks/bench_matmul.py`` (see benchmarks/README.md);
+override them with ``set_gemv_max_rows`` or the environment variable
+``QLORA_KERNELS_GEMV_MAX_ROWS``. Backward computes ``grad_x = grad_y @ W`` from the packed
+weight again; only the packed weight and its state are saved, never x or a dequantized W.
+
+Example:
+    >>> import torch, qlora_kernels as qk
+    >>> w = torch.randn(64, 128)
+    >>> packed, state = qk.quantize_4bit(w)
+    >>> qk.matmul_4bit(torch.randn(3, 128), packed, state).shape
+    torch.Size([3, 64])
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import ops  # noqa: F401
+from .quant_state import QuantState
+
+# Largest number of rows of x that takes the GEMV path, per device type (measured; see
+# benchmarks/README.md).
+GEMV_MAX_ROWS = {"cpu": 4, "cuda": 4}
+_ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
+
+
+def set_gemv_max_rows(rows: int, device_type: str = "cpu") -> None:
+    """Override the GEMV/GEMM switch: x with at most ``rows`` rows takes the GEMV path.
+
+    Example:
+        >>> set_gemv_max_rows(8, "cpu"); GEMV_MAX_ROWS["cpu"]
+        8
+    """
+    GEMV_MAX_ROWS[device_type] = int(rows)
+
+
+def gemv_max_rows(device_type: str) -> int:
+    env = os.environ.get(_ENV)
+    return int(env) if env else GEMV_MAX_ROWS.get(device_type, 4)
+
+
+def _dequantize_f32(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset):
+    w = torch.ops.qlora_kernels.dequantize_4bit(packed, absmax, code, blocksize, n * k,
+                                                torch.float32, nested_absmax, nested_code, offset)
+    return w.view(n, k)
+
+
+def _triton_backend(device: torch.device):
+    if device.type != "cuda":
+        return None
+    try:
+        from .backends import triton as tb
+    except Exception:
+        return None
+    return tb if hasattr(tb, "matmul_4bit") else None
+
+
+def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
+                      nested_code=None, offset=0.0, bias=None):
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m <= gemv_max_rows(x.device.type):
+        y = torch.ops.qlora_kernels.gemv_4bit(x2.float(), packed, absmax, code, blocksize,
+                                              out_features, nested_absmax, nested_code, offset)
+        if bias is not None:
+            y = y + bias.float()
+    else:
+        tb = _triton_backend(x.device)
+        if tb is not None:
+            y = tb.matmul_4bit(x2, packed, absmax, code, blocksize, out_features, k,
+                               nested_absmax, nested_code, offset).float()
+            if bias is not None:
+                y = y + bias.float()
+        else:
+            w = _dequantize_f32(packed, absmax, code, blocksize, out_features, k, nested_absmax,
+                                nested_code, offset)
+            y = F.linear(x2.float(), w, None if bias is None else bias.float())
+            del w
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def _matmul_4bit_backward_impl(grad_y, packed, absmax, code, blocksize, in_features,
+                               nested_absmax=None, nested_code=None, offset=0.0):
+    n = grad_y.shape[-1]
+    g2 = grad_y.reshape(-1, n)
+    tb = _triton_backend(grad_y.device)
+    if tb is not None:
+        gx = tb.matmul_4bit(g2, packed, absmax, code, blocksize, n, in_features, nested_absmax,
+                            nested_code, offset, transpose_w=True)
+    else:
+        w = _dequantize_f32(packed, absmax, code, blocksize, n, in_features, nested_absmax,
+                            nested_code, offset)
+        gx = g2.float() @ w
+        del w
+    return gx.to(grad_y.dtype).view(*grad_y.shape[:-1], in_features)
+
+
+_lib = torch.library.Library("qlora_kernels", "IMPL")
+_lib.impl("matmul_4bit", _matmul_4bit_impl, "CompositeExplicitAutograd")
+_lib.impl("matmul_4bit_backward", _matmul_4bit_backward_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qlora_kernels::matmul_4bit")
+def _matmul_4bit_fake(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
+                      nested_code=None, offset=0.0, bias=None):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("qlora_kernels::matmul_4bit_backward")
+def _matmul_4bit_backward_fake(grad_y, packed, absmax, code, blocksize, in_features,
+                               nested_absmax=None, nested_code=None, offset=0.0):
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, code, blocksize, out_features, nested_absmax, nested_code, offset, bias = inputs
+    # Only the packed weight and its state are kept for backward: not x, not a dense W.
+    ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code)
+    ctx.blocksize, ctx.offset, ctx.in_features = blocksize, offset, x.shape[-1]
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    packed, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.qlora_kernels.matmul_4bit_backward(
+            grad, packed, absmax, code, ctx.blocksize, ctx.in_features, nested_absmax,
+            nested_code, ctx.offset)
+    if ctx.has_bias and ctx.needs_input_grad[9]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("qlora_kernels::matmul_4bit", _backward,
+                                setup_context=_setup_context)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with W the 4-bit weight ``(packed, state)`` of shape (N, K);
+    differentiable w.r.t. ``x`` and ``bias`` (the weight is frozen). Returns x's dtype.
+
+    Raises TypeError for a non-float x and ValueError when x's last dimension or the
+    packed bytes do not match the state.
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> packed, state = qk.quantize_4bit(torch.randn(32, 64))
+        >>> x = torch.randn(2, 5, 64, requires_grad=True)
+        >>> qk.matmul_4bit(x, packed, state).sum().backward(); x.grad.shape
+        torch.Size([2, 5, 64])
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"matmul_4bit: x must be a floating-point tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if len(state.shape) != 2:
+        raise ValueError(f"matmul_4bit: the weight must be 2-D (out, in), its state has shape "
+                         f"{list(state.shape)}")
+    n, k = state.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"matmul_4bit: x has last dimension {x.shape[-1]} but the weight is "
+                         f"{n}x{k} (in_features {k})")
+    state.validate(packed)
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"matmul_4bit: bias must have shape ({n},), got {tuple(bias.shape)}")
+    s2 = state.state2
+    return torch.ops.qlora_kernels.matmul_4bit(
+        x, packed, state.absmax, state.code, state.blocksize, n,
+        None if s2 is None else s2.absmax, None if s2 is None else s2.code,
+        float(state.offset or 0.0), bias)

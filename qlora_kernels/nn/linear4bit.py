@@ -1,0 +1,214 @@
+"""``Linear4bit``: an ``nn.Linear`` whose weight is frozen in 4 bits.
+
+The packed weight is a ``requires_grad=False`` uint8 parameter named ``weight`` and its
+quantization state lives in buffers, so ``.to(device)``, ``copy.deepcopy`` and pickling
+work as for any module; ``state_dict`` uses the bitsandbytes key layout
+(``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so a transformers
+4-bit checkpoint's tensors load into it.
+
+Example:
+    >>> import torch, qlora_kernels as qk
+    >>> lin4 = qk.Linear4bit.from_linear(torch.nn.Linear(128, 64))
+    >>> lin4(torch.randn(2, 128)).shape
+    torch.Size([2, 64])
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..functional import dequantize_4bit, quantize_4bit
+from ..quant_state import QuantState
+
+_STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_FROZEN = ("weight",) + _STATE_BUFFERS
+
+
+class Linear4bit(nn.Module):
+    """``y = x @ W^T + b`` with W stored 4-bit (NF4/FP4/INT4, optional double quantization).
+
+    Gradients flow to ``x`` (and ``bias``), never to the frozen weight. ``x`` is cast to
+    ``compute_dtype`` (default: x's own dtype) and the result back to x's dtype.
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> lin = qk.Linear4bit(256, 128, compute_dtype=torch.bfloat16)
+        >>> lin.weight.dtype, lin.weight.requires_grad
+        (torch.uint8, False)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 compute_dtype: Optional[torch.dtype] = None, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = True,
+                 dq_code: Union[str, torch.Tensor] = "fp8", device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.compute_dtype = compute_dtype
+        # Initialise like nn.Linear, then quantize.
+        w = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.bias = None
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)
+                                     .uniform_(-bound, bound))
+        self._set_quantized(*quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                           double_quant=double_quant, dq_code=dq_code))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
+                    dq_code: Union[str, torch.Tensor] = "fp8") -> "Linear4bit":
+        """Quantize an ``nn.Linear`` (its weight dtype is kept as the state's dtype).
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> qk.Linear4bit.from_linear(torch.nn.Linear(64, 32), quant_type="fp4").quant_type
+            'fp4'
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = compute_dtype
+        w = linear.weight.detach()
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=linear.bias.requires_grad)
+        self._set_quantized(*quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                           double_quant=double_quant, dq_code=dq_code))
+        return self
+
+    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight state has shape {list(state.shape)}, the layer is "
+                             f"({self.out_features}, {self.in_features})")
+        state.validate(packed)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("absmax", state.absmax, persistent=False)
+        self.register_buffer("quant_map", state.code, persistent=False)
+        s2 = state.state2
+        self.register_buffer("nested_absmax", None if s2 is None else s2.absmax, persistent=False)
+        self.register_buffer("nested_quant_map", None if s2 is None else s2.code, persistent=False)
+        self.offset = float(state.offset) if state.offset is not None else 0.0
+        self.blocksize, self.quant_type, self.weight_dtype = state.blocksize, state.quant_type, state.dtype
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The ``QuantState`` of the weight, built from the module's buffers."""
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, shape=None, dtype=torch.float32,
+                                blocksize=256, quant_type="8bit", code=self.nested_quant_map)
+        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                          dtype=self.weight_dtype, blocksize=self.blocksize,
+                          quant_type=self.quant_type, code=self.quant_map,
+                          offset=self.offset if self.double_quant else None, state2=state2)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight (out, in), in ``dtype`` (default: the original weight dtype).
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> qk.Linear4bit(64, 32).dequantize().shape
+            torch.Size([32, 64])
+        """
+        return dequantize_4bit(self.weight, self.quant_state, out_dtype=dtype)
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear4bit: input has last dimension {x.shape[-1]}, expected "
+                             f"in_features={self.in_features}")
+        if not x.is_floating_point():
+            raise TypeError(f"Linear4bit: input must be floating point, got {x.dtype}")
+        cdt = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(cdt)
+        y = torch.ops.qlora_kernels.matmul_4bit(
+            x.to(cdt), self.weight, self.absmax, self.quant_map, self.blocksize,
+            self.out_features, self.nested_absmax, self.nested_quant_map, self.offset, bias)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quant_type={self.quant_type}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")
+
+    # ------------------------------------------------------------------ device moves
+    def _apply(self, fn, recurse=True):
+        # Packed bytes and float32 scales must never be cast (model.to(torch.bfloat16) would
+        # otherwise corrupt them): they follow device moves only.
+        frozen = {}
+        for name in _FROZEN:
+            t = self._parameters.pop(name, None) if name == "weight" else self._buffers.pop(name, None)
+            frozen[name] = t
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in frozen.items():
+                if t is not None:
+                    moved = fn(t)
+                    if moved.dtype != t.dtype:
+                        moved = t.to(device=moved.device)
+                    t = nn.Parameter(moved, requires_grad=False) if name == "weight" else moved
+                if name == "weight":
+                    self._parameters[name] = t
+                else:
+                    self._buffers[name] = t
+        return self
+
+    # ------------------------------------------------------------------ state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w = self.weight if keep_vars else self.weight.detach()
+        destination[prefix + "weight"] = w
+        for key, t in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        wkey = prefix + "weight"
+        parts = {k: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+        elif not parts:
+            error_msgs.append(f"{wkey}: no quantization state (expected {wkey}.absmax, "
+                              f"{wkey}.quant_map and {wkey}.quant_state.bitsandbytes__*)")
+        else:
+            try:
+                state = QuantState.from_dict(parts, device=self.weight.device)
+                packed = state_dict[wkey].to(self.weight.device)
+                if tuple(state.shape) != (self.out_features, self.in_features):
+                    raise ValueError(f"shape {list(state.shape)} does not match the layer "
+                                     f"({self.out_features}, {self.in_features})")
+                self._set_quantized(packed, state)
+            except ValueError as exc:
+                error_msgs.append(f"{wkey}: {exc}")
+        bkey = prefix + "bias"
+        if self.bias is not None:
+            if bkey in state_dict:
+                b = state_dict[bkey]
+                if b.shape != self.bias.shape:
+                    error_msgs.append(f"{bkey}: shape {tuple(b.shape)}, expected {tuple(self.bias.shape)}")
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(b)
+            else:
+                missing_keys.append(bkey)
+        if strict:
+            known = {wkey, bkey} | set(parts)
+            for k in state_dict:
+                if k.startswith(prefix) and k not in known and "." not in k[len(prefix):]:
+                    unexpected_keys.append(k)
