@@ -1,0 +1,155 @@
+"""matmul_4bit (GEMV and GEMM paths), gradients, opcheck, torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlora_kernels as qk
+from qlora_kernels import matmul as mm
+from qlora_kernels.backends import torch as ref
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _weight(n, k, rng, double_quant=True, dtype=torch.float32):
+    w = torch.randn(n, k, generator=rng).to(dtype)
+    return qk.quantize_4bit(w, double_quant=double_quant)
+
+
+def _reference(x, packed, state, bias=None):
+    w = qk.dequantize_4bit(packed, state, out_dtype=torch.float32)
+    return F.linear(x.float(), w, None if bias is None else bias.float())
+
+
+def _close(got, want, dtype):
+    scale = want.abs().max().clamp_min(1e-6)
+    err = ((got.float() - want).abs().max() / scale).item()
+    assert err <= TOL[dtype], err
+
+
+@pytest.fixture(params=["gemv", "gemm"])
+def path(request):
+    old = dict(mm.GEMV_MAX_ROWS)
+    mm.set_gemv_max_rows(10**9 if request.param == "gemv" else 0, "cpu")
+    yield request.param
+    mm.GEMV_MAX_ROWS.update(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(77, 333), (64, 128), (96, 4096 + 64)])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_reference(path, dtype, shape, double_quant, bias, rng):
+    n, k = shape
+    packed, state = _weight(n, k, rng, double_quant)
+    b = torch.randn(n, generator=rng).to(dtype) if bias else None
+    for m in (1, 2, 7, 64):
+        x = torch.randn(m, k, generator=rng).to(dtype)
+        y = qk.matmul_4bit(x, packed, state, b)
+        assert y.dtype == dtype and y.shape == (m, n)
+        _close(y, _reference(x, packed, state, b), dtype)
+
+
+def test_llama_mlp_shape(rng):
+    packed, state = _weight(4096, 11008, rng)
+    for m in (1, 513):
+        x = torch.randn(m, 11008, generator=rng)
+        _close(qk.matmul_4bit(x, packed, state), _reference(x, packed, state), torch.float32)
+
+
+def test_gemv_kernel_matches_reference_op(rng):
+    for (n, k) in ((77, 333), (64, 256), (5, 63)):
+        for dq in (True, False):
+            packed, state = _weight(n, k, rng, dq)
+            x = torch.randn(3, k, generator=rng)
+            s2 = state.state2
+            args = (packed, state.absmax, state.code, 64, n, None if s2 is None else s2.absmax,
+                    None if s2 is None else s2.code, float(state.offset or 0.0))
+            got = torch.ops.qlora_kernels.gemv_4bit(x, *args)
+            want = ref.gemv_4bit(x, *args)
+            _close(got, want.float(), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_reference(path, dtype, rng):
+    n, k = 77, 333
+    packed, state = _weight(n, k, rng)
+    w = qk.dequantize_4bit(packed, state, out_dtype=torch.float32)
+    b = torch.randn(n, generator=rng).to(dtype).requires_grad_()
+    x = torch.randn(2, 7, k, generator=rng).to(dtype).requires_grad_()
+    y = qk.matmul_4bit(x, packed, state, b)
+    g = torch.randn(y.shape, generator=rng).to(dtype)
+    y.backward(g)
+    x_ref = x.detach().float().requires_grad_()
+    b_ref = b.detach().float().requires_grad_()
+    F.linear(x_ref, w, b_ref).backward(g.float())
+    _close(x.grad, x_ref.grad, dtype)
+    _close(b.grad, b_ref.grad, dtype)
+
+
+def test_gradcheck_reference_path_float64(rng):
+    # the autograd formula itself, in float64 through the reference ops
+    packed, state = _weight(12, 64, rng, double_quant=False)
+    w = ref.dequantize_4bit(packed, state.absmax, state.code, 64, 12 * 64, torch.float64).view(12, 64)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: F.linear(x, w, b), (x, b))
+    # the op's backward (float64 in, through the reference dequantize) is that formula's dx
+    g = torch.randn(3, 12, dtype=torch.float64, generator=rng)
+    got = torch.ops.qlora_kernels.matmul_4bit_backward(g, packed, state.absmax, state.code, 64, 64)
+    assert torch.allclose(got, g @ w)
+
+
+def test_weight_gets_no_gradient_and_nothing_dense_is_saved(rng):
+    packed, state = _weight(64, 128, rng)
+    x = torch.randn(4, 128, generator=rng, requires_grad=True)
+    y = qk.matmul_4bit(x, packed, state)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    # what backward keeps: the packed bytes and the small state, never x or a float W
+    assert all(t.dtype in (torch.uint8,) or t.numel() <= 256 for t in saved), \
+        [(t.dtype, t.shape) for t in saved]
+    assert sum(t.numel() * t.element_size() for t in saved) < 64 * 128  # < a float W's bytes/4
+    y.sum().backward()
+    assert packed.grad is None
+
+
+def test_bad_inputs(rng):
+    packed, state = _weight(64, 128, rng)
+    with pytest.raises(ValueError, match="last dimension 100"):
+        qk.matmul_4bit(torch.randn(2, 100), packed, state)
+    with pytest.raises(TypeError, match="floating-point"):
+        qk.matmul_4bit(torch.randint(0, 3, (2, 128)), packed, state)
+    other_packed, _ = _weight(32, 128, rng)
+    with pytest.raises(ValueError, match="packed weight holds"):
+        qk.matmul_4bit(torch.randn(2, 128), other_packed, state)
+    with pytest.raises(ValueError, match="bias"):
+        qk.matmul_4bit(torch.randn(2, 128), packed, state, torch.randn(3))
+
+
+def test_opcheck(rng):
+    packed, state = _weight(32, 64, rng)
+    s2 = state.state2
+    for m in (1, 9):
+        x = torch.randn(m, 64, generator=rng, requires_grad=True)
+        args = (x, packed, state.absmax, state.code, 64, 32, s2.absmax, s2.code,
+                float(state.offset), torch.randn(32, generator=rng, requires_grad=True))
+        torch.library.opcheck(torch.ops.qlora_kernels.matmul_4bit.default, args)
+    torch.library.opcheck(torch.ops.qlora_kernels.gemv_4bit.default,
+                          (torch.randn(2, 64), packed, state.absmax, state.code, 64, 32,
+                           s2.absmax, s2.code, float(state.offset)))
+    torch.library.opcheck(torch.ops.qlora_kernels.matmul_4bit_backward.default,
+                          (torch.randn(5, 32), packed, state.absmax, state.code, 64, 64,
+                           s2.absmax, s2.code, float(state.offset)))
+
+
+def test_torch_compile_fullgraph_mlp(rng):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(qk.Linear4bit(64, 128), torch.nn.GELU(), qk.Linear4bit(128, 32))
+    compiled = torch.compile(model, fullgraph=True)
+    for m in (1, 16):
+        x = torch.randn(m, 64, generator=rng, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = compiled(x), model(x2)
+        assert torch.allclose(y, y2, atol=1e-5)
+        y.sum().backward()
+        y2.sum().backward()
+        assert torch.allclose(x.grad, x2.grad, atol=1e-5)
