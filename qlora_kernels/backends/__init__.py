@@ -48,14 +48,14 @@ def available_backends(device_type: str) -> list[str]:
     out = []
     if device_type == "cuda" and _extension.cuda_kernels_built():
         out.append("cuda")
-    if triton_available(device_type):
+    if device_type == "cuda" and triton_available(device_type):
         out.append("triton")
     if device_type == "cpu" and _extension.EXTENSION_LOADED:
         out.append("cpu")
     out.append("torch")
-    if device_type == "cpu" and "triton" in out:  # interpreted Triton is for tests, not speed
-        out.remove("triton")
-        out.insert(len(out) - 1, "triton")
+    # Interpreted Triton on the CPU is for tests, never the default: it goes last.
+    if device_type == "cpu" and triton_available(device_type):
+        out.append("triton")
     return out
 
 

@@ -37,12 +37,18 @@ def _absmax_and_inverse(xb: torch.Tensor):
 
 
 def encode_4bit(s: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Nearest code index of scaled values s (ties to the lower index), as int64."""
+    """Nearest code index of scaled values s (ties to the lower index), as int64.
+
+    NaN maps to 0, as in the C++ header (every comparison with NaN is false); callers
+    reject NaN input anyway.
+    """
     thr = encode_thresholds(quant_type).to(s.device)
     if quant_type == "fp4":
         rank = torch.bucketize(s.abs(), thr)  # count of thresholds strictly below
-        return fp4_rank_to_pattern(rank) | torch.where(s < 0, 8, 0)
-    return torch.bucketize(s, thr)
+        codes = fp4_rank_to_pattern(rank) | torch.where(s < 0, 8, 0)
+    else:
+        codes = torch.bucketize(s, thr)
+    return torch.where(torch.isnan(s), 0, codes)
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
@@ -104,7 +110,8 @@ def quantize_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     absmax, inv = _absmax_and_inverse(xb)
     code = code.float()
     mids = (code[:-1] + code[1:]) * 0.5
-    q = torch.bucketize(xb * inv[:, None], mids).view(-1)[:n]
+    s = xb * inv[:, None]
+    q = torch.where(torch.isnan(s), 0, torch.bucketize(s, mids)).view(-1)[:n]
     return q.to(torch.uint8), absmax
 
 

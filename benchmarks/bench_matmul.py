@@ -1,0 +1,86 @@
+"""4-bit matmul speed: GEMV and GEMM paths against dense F.linear, and the GEMV/GEMM switch.
+
+For each weight shape and number of rows of x: matmul_4bit (NF4 + double quant) forced to
+the GEMV path and to the GEMM path, against dense ``F.linear`` with a bf16 and a float32
+weight, all measured in the same run (median after warm-up). The smallest row count at
+which the GEMM path wins is the measured threshold for ``qlora_kernels.matmul``.
+
+Usage: python benchmarks/bench_matmul.py [--json out.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qlora_kernels as qk  # noqa: E402
+from qlora_kernels import matmul as mm  # noqa: E402
+from benchmarks.timing import device_info, median_time  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+ROWS = [1, 2, 4, 8, 16, 32, 512]
+
+
+def bench(device, shapes, rows, reps):
+    out = []
+    for n, k in shapes:
+        w = torch.randn(n, k, device=device) * 0.02
+        packed, state = qk.quantize_4bit(w, double_quant=True)
+        w_bf16, w_f32 = w.to(torch.bfloat16), w
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            x32 = x.float()
+            r = {"shape": [n, k], "rows": m}
+            r["dense_bf16_ms"] = median_time(lambda: F.linear(x, w_bf16), device, reps=reps) * 1e3
+            r["dense_f32_ms"] = median_time(lambda: F.linear(x32, w_f32), device, reps=reps) * 1e3
+            for path, limit in (("gemv", 10**9), ("gemm", 0)):
+                if path == "gemv" and m > 64:
+                    continue
+                mm.set_gemv_max_rows(limit, torch.device(device).type)
+                r[f"{path}_ms"] = median_time(lambda: qk.matmul_4bit(x, packed, state), device,
+                                              reps=reps) * 1e3
+            out.append(r)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=11)
+    args = parser.parse_args(argv)
+    saved = dict(mm.GEMV_MAX_ROWS)
+    shapes = [(1024, 1024)] if args.quick else SHAPES
+    rows = [1, 8, 64] if args.quick else ROWS
+    try:
+        rows_out = bench(args.device, shapes, rows, 3 if args.quick else args.reps)
+    finally:
+        mm.GEMV_MAX_ROWS.clear()
+        mm.GEMV_MAX_ROWS.update(saved)
+    info = device_info(args.device)
+    print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}")
+    print(f"{'N x K':>12} {'rows':>5} {'gemv ms':>8} {'gemm ms':>8} {'bf16 ms':>8} {'f32 ms':>8} "
+          f"{'bf16/best':>9} {'best/f32':>8}")
+    for r in rows_out:
+        best = min(v for key, v in r.items() if key in ("gemv_ms", "gemm_ms"))
+        print(f"{'x'.join(map(str, r['shape'])):>12} {r['rows']:>5} {r.get('gemv_ms', float('nan')):>8.2f} "
+              f"{r['gemm_ms']:>8.2f} {r['dense_bf16_ms']:>8.2f} {r['dense_f32_ms']:>8.2f} "
+              f"{r['dense_bf16_ms'] / best:>9.2f} {best / r['dense_f32_ms']:>8.2f}")
+    for shape in shapes:
+        wins = [r["rows"] for r in rows_out if r["shape"] == list(shape) and "gemv_ms" in r
+                and r["gemv_ms"] <= r["gemm_ms"]]
+        print(f"GEMV wins for {shape} at rows {wins}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows_out}, f, indent=1)
+    return rows_out
+
+
+if __name__ == "__main__":
+    main()
