@@ -40,7 +40,9 @@ from .dequantize_4bit import cast_rn, load_absmax
 def _configs():
     """Autotune candidates for Ada / Ampere consumer and workstation GPUs (RTX 4090 sm_89,
     A6000 sm_86: ~100 KB shared memory per SM, 64K registers): small-M tiles for decode
-    and LoRA-sized batches, larger square-ish tiles for prefill / training.
+    and LoRA-sized batches, larger square-ish tiles for prefill / training. Checked by
+    compiling each for sm_89 without a GPU (cuobjdump -res-usage): none spills registers
+    with int32 indexing (W tiles of 64x128 need 8 warps for that).
 
     Under TRITON_INTERPRET=1 the list is a single small config: with more than one config
     the autotuner benchmarks every candidate by running it many times, and each interpreted
@@ -51,8 +53,8 @@ def _configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_O": 32, "BLOCK_R": 32, "GROUP_M": 8},
                               num_warps=4, num_stages=1)]
     shapes = [  # BLOCK_M, BLOCK_O, BLOCK_R, num_warps, num_stages
-        (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3), (32, 128, 64, 4, 3),
-        (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3),
+        (16, 64, 64, 4, 3), (16, 128, 64, 8, 3), (32, 64, 64, 4, 3), (32, 128, 64, 8, 3),
+        (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 64, 32, 8, 4), (128, 128, 32, 8, 3),
         (64, 256, 32, 8, 3),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_R": br, "GROUP_M": 8},
@@ -67,7 +69,7 @@ def _matmul_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_p
                         stride_xm, stride_xr, stride_ym, stride_yo,
                         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
                         TRANSPOSE_W: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        DOT_UPCAST: tl.constexpr,
+                        DOT_UPCAST: tl.constexpr, INDEX_64: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
                         GROUP_M: tl.constexpr):
     if TRANSPOSE_W:
@@ -87,12 +89,17 @@ def _matmul_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_p
     pid_o = (pid % (GROUP_M * num_o)) // group_size
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = (pid_o * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    if INDEX_64:  # int32 indices halve the registers of the W tile; int64 only if needed
+        offs_m = offs_m.to(tl.int64)
+        offs_o = offs_o.to(tl.int64)
     m_ok = offs_m < M
     o_ok = offs_o < OUT
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
     for r0 in range(0, RED, BLOCK_R):
-        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        if INDEX_64:
+            offs_r = offs_r.to(tl.int64)
         r_ok = offs_r < RED
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xr,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -168,5 +175,6 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
             # Triton's interpreter multiplies bfloat16 tiles as their raw uint16 bits in
             # tl.dot, so there the (exact) float32 upcast is multiplied instead.
             DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
+            INDEX_64=max(N * K, x2.shape[0] * x2.stride(0), M * red, M * out_dim) >= 2**31,
             enable_fp_fusion=False)
     return y.view(*lead, out_dim)
