@@ -46,17 +46,31 @@ def on_device(t: torch.Tensor):
 
 
 def check_float_input(A: torch.Tensor, what: str) -> None:
-    """Raise TypeError unless ``A`` is float32, float16 or bfloat16."""
+    """Raise TypeError unless ``A`` is float32, float16 or bfloat16.
+
+    Example:
+        >>> check_float_input(torch.ones(1, dtype=torch.bfloat16), "quantize_4bit")
+    """
     if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: input must be float32, float16 or bfloat16, got {A.dtype}")
 
 
 def check_code(code: torch.Tensor, n: int, what: str) -> None:
+    """Raise ValueError unless ``code`` is a float32 table of ``n`` values.
+
+    Example:
+        >>> check_code(torch.zeros(16), 16, "dequantize_4bit")
+    """
     if code.dtype != torch.float32 or code.numel() != n:
         raise ValueError(f"{what}: code must be a float32 tensor of {n} values")
 
 
 def check_same_device(what: str, *tensors) -> None:
+    """Raise ValueError unless all given tensors (None skipped) share one device.
+
+    Example:
+        >>> check_same_device("quantize_8bit", torch.zeros(1), None, torch.zeros(2))
+    """
     devs = {t.device for t in tensors if t is not None}
     if len(devs) > 1:
         raise ValueError(f"{what}: all tensors must be on one device, got {sorted(map(str, devs))}")
@@ -64,7 +78,12 @@ def check_same_device(what: str, *tensors) -> None:
 
 def check_dequant_4bit_args(packed, absmax, code, blocksize, numel, dtype,
                             nested_absmax, nested_code) -> None:
-    """The checks of csrc/cpu/quantize_cpu.cpp ``check_dequant_args``, message for message."""
+    """The checks of csrc/cpu/quantize_cpu.cpp ``check_dequant_args``, message for message.
+
+    Example:
+        >>> check_dequant_4bit_args(torch.zeros(3, 1, dtype=torch.uint8), torch.ones(1),
+        ...                         torch.zeros(16), 64, 5, torch.float16, None, None)
+    """
     check_blocksize(blocksize)
     w = "dequantize_4bit"
     if numel < 0:
@@ -98,9 +117,20 @@ def check_dequant_4bit_args(packed, absmax, code, blocksize, numel, dtype,
 
 
 def flat(t):
-    """Contiguous flat view (a copy only when ``t`` is not contiguous); None stays None."""
+    """Contiguous flat view (a copy only when ``t`` is not contiguous); None stays None.
+
+    Example:
+        >>> flat(torch.zeros(2, 3)).shape
+        torch.Size([6])
+    """
     return None if t is None else t.reshape(-1).contiguous()
 
 
 def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1).
+
+    Example:
+        >>> next_pow2(100)
+        128
+    """
     return 1 << max(0, int(n) - 1).bit_length()
