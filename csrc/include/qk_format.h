@@ -132,12 +132,13 @@ QK_HD int encode_sorted256(const float* code, float s) {
 QK_HD float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
 
 // --- decode -------------------------------------------------------------------------
+// Host code relies on -ffp-contract=off (setup.py) to keep a*b+c unfused; the bit-exact
+// fused-vs-unfused tests fail if a build ever contracts it.
 QK_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
 #else
-  volatile float p = a * b;  // volatile: never contracted into an FMA with what follows
-  return p;
+  return a * b;
 #endif
 }
 
