@@ -7,7 +7,8 @@
 // in the same order (see qk_adamw.h), so lanes and tails agree bit for bit.
 // adamw8bit_step_: per block of 256, decode both moments (code[q] * absmax), update them in
 // float32 with the same element update, write the param, and re-encode both moments with
-// the block's new absmax (qk::encode_sorted256), as quantize_8bit does.
+// the block's new absmax (qk::encode_sorted256's search, midpoints precomputed; AVX2 gathers),
+// as quantize_8bit does.
 #include <omp.h>
 #include <torch/library.h>
 
@@ -120,10 +121,61 @@ void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_a
   });
 }
 
+// The 8-bit encoder of qk::encode_sorted256 with its midpoints 0.5f * (c[k] + c[k+1])
+// computed once per call instead of per element: the same comparisons, so the same codes.
+struct Midpoints {
+  float v[256];
+  explicit Midpoints(const float* code) {
+    for (int k = 0; k < 255; ++k) v[k] = 0.5f * (code[k] + code[k + 1]);
+    v[255] = INFINITY;  // never read: the search index stays <= 254
+  }
+};
+
+inline int encode_mids(const float* mids, float s) {
+  int lo = 0;
+  for (int step = 128; step >= 1; step >>= 1) lo += (s > mids[lo + step - 1]) ? step : 0;
+  return lo;
+}
+
+void encode_block_scalar(const float* mids, const float* x, float inv, int64_t len, uint8_t* q) {
+  for (int64_t i = 0; i < len; ++i) q[i] = (uint8_t)encode_mids(mids, x[i] * inv);
+}
+
+#if defined(__x86_64__)
+// 8 lanes of the same binary search, one gather per step.
+QK_AVX2 void encode_block_avx2(const float* mids, const float* x, float inv, int64_t len,
+                               uint8_t* q) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 sv = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    __m256i lo = _mm256_setzero_si256();
+    for (int step = 128; step >= 1; step >>= 1) {
+      const __m256i idx = _mm256_add_epi32(lo, _mm256_set1_epi32(step - 1));
+      const __m256 mid = _mm256_i32gather_ps(mids, idx, 4);
+      const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(sv, mid, _CMP_GT_OQ));
+      lo = _mm256_add_epi32(lo, _mm256_and_si256(gt, _mm256_set1_epi32(step)));
+    }
+    alignas(32) int32_t tmp[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), lo);
+    for (int k = 0; k < 8; ++k) q[i + k] = (uint8_t)tmp[k];
+  }
+  encode_block_scalar(mids, x + i, inv, len - i, q + i);
+}
+#endif
+
+void encode_block(const float* mids, const float* x, float inv, int64_t len, uint8_t* q) {
+#if defined(__x86_64__)
+  if (has_avx2()) return encode_block_avx2(mids, x, inv, len, q);
+#endif
+  encode_block_scalar(mids, x, inv, len, q);
+}
+
 // One block of the 8-bit step. Scratch holds the updated moments until the new absmax is known.
 template <typename T>
 void adamw8bit_block(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, float* av,
-                     const float* code_m, const float* code_v, int64_t len,
+                     const float* code_m, const float* code_v, const float* mids_m,
+                     const float* mids_v, int64_t len,
                      const qk::AdamWScalars& s) {
   float mbuf[qk::kOptimBlocksize], vbuf[qk::kOptimBlocksize];
   const float am_old = *am, av_old = *av;
@@ -144,10 +196,8 @@ void adamw8bit_block(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, floa
   *am = mmax;
   *av = vmax;
   const float im = qk::inverse_absmax(mmax), iv = qk::inverse_absmax(vmax);
-  for (int64_t i = 0; i < len; ++i) {
-    qm[i] = (uint8_t)qk::encode_sorted256(code_m, mbuf[i] * im);
-    qv[i] = (uint8_t)qk::encode_sorted256(code_v, vbuf[i] * iv);
-  }
+  encode_block(mids_m, mbuf, im, len, qm);
+  encode_block(mids_v, vbuf, iv, len, qv);
 }
 
 void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& qm,
@@ -169,6 +219,7 @@ void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& q
   float* avp = absmax_v.data_ptr<float>();
   const float* cm = code_m.data_ptr<float>();
   const float* cv = code_v.data_ptr<float>();
+  const Midpoints mids_m(cm), mids_v(cv);
   dispatch_float(param.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     T* p = param.data_ptr<T>();
@@ -178,7 +229,7 @@ void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& q
       const int64_t start = b * qk::kOptimBlocksize;
       const int64_t len = std::min<int64_t>(qk::kOptimBlocksize, n - start);
       adamw8bit_block(p + start, gp + start, qmp + start, amp + b, qvp + start, avp + b, cm, cv,
-                      len, s);
+                      mids_m.v, mids_v.v, len, s);
     }
   });
 }
