@@ -82,4 +82,5 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2
                         w1 if small else _f32(w1 - 1.0), _f32(beta2), _f32(1.0 - beta2),
                         _f32(bc2 ** 0.5), _f32(eps), _f32(-(lr / bc1)), W1_SMALL=small,
                         MAXIMIZE=bool(maximize), APPLY_DECAY=weight_decay != 0.0,
-                        OUT_BF16=param.dtype == torch.bfloat16, BLOCK=block)
+                        OUT_BF16=param.dtype == torch.bfloat16, BLOCK=block,
+                        enable_fp_fusion=False)  # p*decay + update must not become one FMA
