@@ -10,6 +10,7 @@ Example:
 """
 from . import _extension
 from . import ops  # noqa: F401  (fake kernels and fallbacks)
+from . import optim
 from .backends import available_backends, resolve_backend_name
 from .formats import dynamic_map, fp8_e4m3_map, get_4bit_code, nf4_from_normal_quantiles
 from .functional import (dequantize_4bit, dequantize_absmax, dequantize_blockwise,
