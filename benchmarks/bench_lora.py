@@ -127,9 +127,11 @@ def main(argv=None):
     rows = {}
     for kind in ("qlora", "bf16"):
         layer = build(kind, args.dim, args.r)
+        # warm-up on 8 tokens (same paths): one-time allocations (thread pools) not counted
+        measure(layer, torch.randn(8, args.dim, dtype=torch.bfloat16, requires_grad=True))
         x = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16, requires_grad=True)
-        measure(layer, x)  # warm-up: one-time allocations (thread pools, caches) not counted
         rows[kind] = measure(layer, x)
+        print(f"# {kind} done", flush=True)
         del layer
     info = device_info("cpu")
     mib = 2 ** 20
