@@ -339,3 +339,23 @@ def test_peft_interop_both_ways(tmp_path):
     assert len(qk.prepare.lora_layers(loaded)) == 6
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, pm(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_ranks_roundtrip_via_rank_pattern(tmp_path):
+    m = qk.prepare_model(_mlp(), target_modules=["0"], r=4, lora_alpha=4, quantize=False,
+                         verbose=False)
+    qk.prepare_model(m, target_modules=["2", "4"], r=8, lora_alpha=32, quantize=False, verbose=False)
+    _randomize_lora(m)
+    qk.save_adapter(m, str(tmp_path))
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (8, 32)
+    assert cfg["rank_pattern"] == {"0": 4} and cfg["alpha_pattern"] == {"0": 4.0}
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    loaded = qk.load_adapter(_mlp(), str(tmp_path), quantize=False)
+    assert (loaded[0].r, loaded[0].scaling, loaded[2].r, loaded[2].scaling) == (4, 1.0, 8, 4.0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(_mlp(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), m(x), rtol=1e-5, atol=1e-6)
