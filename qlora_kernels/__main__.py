@@ -1,7 +1,8 @@
 """Command line: ``qlora-kernels <command>`` (also ``python -m qlora_kernels <command>``).
 
 Commands:
-  demo     the main job: quantize a weight, report error and bits per parameter
+  demo     the main job: QLoRA on SmolLM2-135M-Instruct end to end (memory and
+           perplexity tables, fine-tune, adapter, report)
   memory   the QLoRA memory table for a model size (``--params 65e9``)
 
 Example:
@@ -11,36 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def _demo(args) -> int:
-    import torch
+    from .demo import main as demo_main
 
-    import qlora_kernels as qk
-
-    torch.manual_seed(0)
-    w = torch.randn(args.rows, args.cols, dtype=torch.bfloat16)
-    print(f"qlora_kernels {qk.__version__}: extension loaded={qk.EXTENSION_LOADED}, "
-          f"CPU backends={qk.available_backends('cpu')}")
-    print(f"weight {tuple(w.shape)} {w.dtype}; blocksize {args.blocksize}")
-    print(f"{'format':<12} {'bits/param':>10} {'mean |err|':>11} {'rel err':>8} "
-          f"{'quant ms':>9} {'dequant ms':>10}")
-    for qt in ("nf4", "fp4", "int4"):
-        for dq in (False, True):
-            t0 = time.perf_counter()
-            packed, state = qk.quantize_4bit(w, blocksize=args.blocksize, quant_type=qt,
-                                             double_quant=dq)
-            t1 = time.perf_counter()
-            w_hat = qk.dequantize_4bit(packed, state)
-            t2 = time.perf_counter()
-            err = (w_hat.float() - w.float()).abs()
-            rel = (err / w.float().abs().clamp_min(1e-8)).mean().item()
-            name = qt + ("+DQ" if dq else "")
-            print(f"{name:<12} {qk.bits_per_parameter(packed, state):>10.3f} "
-                  f"{err.mean().item():>11.4f} {rel:>8.3f} {(t1 - t0) * 1e3:>9.1f} "
-                  f"{(t2 - t1) * 1e3:>10.1f}")
-    return 0
+    return demo_main(args)
 
 
 def _memory(args) -> int:
@@ -60,10 +37,10 @@ def _memory(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-kernels", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize a weight; print error and bits per parameter")
-    demo.add_argument("--rows", type=int, default=4096)
-    demo.add_argument("--cols", type=int, default=4096)
-    demo.add_argument("--blocksize", type=int, default=64)
+    demo = sub.add_parser("demo", help="QLoRA on a real pretrained model, end to end")
+    from .demo import add_arguments
+
+    add_arguments(demo)
     demo.set_defaults(func=_demo)
     mem = sub.add_parser("memory", help="QLoRA memory table (weights, LoRA, optimizer state)")
     mem.add_argument("--params", type=float, nargs="+", default=[7e9, 13e9, 33e9, 65e9])
