@@ -36,7 +36,9 @@ def extension():
     debug = os.environ.get("QLORA_KERNELS_DEBUG", "0") not in ("", "0")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -ffp-contract=off: decode arithmetic must round like the PyTorch reference (no FMA).
-    cxx = opt + ["-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 for
+    # torch 2.13, C++20 from 2.14).
+    cxx = opt + ["-fopenmp", "-ffp-contract=off"]
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
                    glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
@@ -49,7 +51,7 @@ def extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("QLORA_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
                         glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
-        nvcc = opt + ["-std=c++17", "--fmad=false", "-lineinfo"]
+        nvcc = opt + ["--fmad=false", "-lineinfo"]
         return CUDAExtension(sources=sources, define_macros=[("QK_WITH_CUDA", "1")],
                              extra_compile_args={"cxx": cxx + ["-DQK_WITH_CUDA=1"], "nvcc": nvcc},
                              **kwargs)

@@ -37,6 +37,11 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"qlora_kernels::{op}", dispatch_key)
 
 
+# Read before qlora_kernels.ops registers its Triton/reference stand-ins for CUDA tensors,
+# which would otherwise make the check below true on a CPU-only build.
+_CUDA_KERNELS_BUILT = EXTENSION_LOADED and has_kernel("dequantize_4bit", "CUDA")
+
+
 def cuda_kernels_built() -> bool:
     """True when the extension was built with its CUDA kernels."""
-    return EXTENSION_LOADED and has_kernel("dequantize_4bit", "CUDA")
+    return _CUDA_KERNELS_BUILT

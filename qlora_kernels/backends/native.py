@@ -31,3 +31,9 @@ def quantize_8bit(A, code, blocksize):
 
 def dequantize_8bit(q, absmax, code, blocksize, dtype):
     return torch.ops.qlora_kernels.dequantize_8bit(q, absmax, code, blocksize, dtype)
+
+
+def gemv_4bit(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
+              nested_code=None, offset=0.0):
+    return torch.ops.qlora_kernels.gemv_4bit(x, packed, absmax, code, blocksize, out_features,
+                                             nested_absmax, nested_code, float(offset))

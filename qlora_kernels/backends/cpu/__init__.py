@@ -8,6 +8,6 @@ Example:
     torch.Size([32, 1])
 """
 from ..native import (dequantize_4bit, dequantize_4bit_out, dequantize_8bit,  # noqa: F401
-                      quantize_4bit, quantize_8bit)
+                      gemv_4bit, quantize_4bit, quantize_8bit)
 
 DEVICE_TYPE = "cpu"

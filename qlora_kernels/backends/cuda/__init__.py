@@ -8,6 +8,6 @@ Example:
     ...     cuda.quantize_4bit(torch.randn(64, device="cuda"), 64, "nf4")[0].shape
 """
 from ..native import (dequantize_4bit, dequantize_4bit_out, dequantize_8bit,  # noqa: F401
-                      quantize_4bit, quantize_8bit)
+                      gemv_4bit, quantize_4bit, quantize_8bit)
 
 DEVICE_TYPE = "cuda"
