@@ -37,6 +37,14 @@ inline void check_float_input(const at::Tensor& A, const char* op) {
               op, ": input must be float32, float16 or bfloat16, got ", A.scalar_type());
 }
 
+// A block's float32 absmax: stored as is, or double-quantized (qabsmax non-null) and
+// decoded on the fly with the header's exact expression.
+inline float block_absmax(const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                          const float* nested_code, float offset, int64_t b) {
+  return qabsmax ? qk::decode_nested_absmax(qabsmax, nested_code, nested_absmax, offset, b)
+                 : absmax[b];
+}
+
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 

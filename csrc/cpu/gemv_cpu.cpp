@@ -23,12 +23,6 @@
 namespace qlora_kernels::cpu {
 namespace {
 
-inline float block_absmax(const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
-                          const float* nested_code, float offset, int64_t b) {
-  return qabsmax ? qk::decode_nested_absmax(qabsmax, nested_code, nested_absmax, offset, b)
-                 : absmax[b];
-}
-
 struct GemvArgs {
   const float* x;  // [M, K] float32 (permuted per 32-group on the fast path)
   const uint8_t* packed;

@@ -241,8 +241,7 @@ QK_AVX2 void dequantize_4bit_avx2(const uint8_t* packed, const float* absmax, co
     const int64_t start = b * bs;
     const int64_t len = std::min(bs, n - start);
     // Fused double-quant decode: the block's absmax is rebuilt here, never stored.
-    const float m = qabsmax ? qk::decode_nested_absmax(qabsmax, nested_code, nested_absmax, offset, b)
-                            : absmax[b];
+    const float m = block_absmax(absmax, qabsmax, nested_absmax, nested_code, offset, b);
     if constexpr (sizeof(Bits) == 2)
       dequant_block_avx2_16<OutT>(packed + start / 2, len, c0, c1, m, out + start);
     else
@@ -302,8 +301,7 @@ void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, const uint
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t start = b * bs;
     const int64_t len = std::min(bs, n - start);
-    const float m = qabsmax ? qk::decode_nested_absmax(qabsmax, nested_code, nested_absmax, offset, b)
-                            : absmax[b];
+    const float m = block_absmax(absmax, qabsmax, nested_absmax, nested_code, offset, b);
     Bits lut[16];
     for (int k = 0; k < 16; ++k) lut[k] = Lut<OutT>::make(code[k] * m);
     dequant_block_scalar(packed + start / 2, 0, len, lut, out + start);
