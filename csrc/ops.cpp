@@ -78,6 +78,11 @@ TORCH_LIBRARY(qlora_kernels, m) {
   m.def("adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) qm, Tensor(c!) absmax_m, "
         "Tensor(d!) qv, Tensor(e!) absmax_v, Tensor code_m, Tensor code_v, float lr, "
         "float beta1, float beta2, float eps, float weight_decay, int step, bool maximize) -> ()");
+  // CUDA unified (managed) memory for paged optimizer state; kernels in csrc/cuda/managed_memory.cpp.
+  m.def("managed_supported(int device) -> bool");
+  m.def("managed_empty(int[] size, ScalarType dtype, int device) -> Tensor");
+  m.def("managed_prefetch_(Tensor(a!) t, int device) -> ()");  // device -1: to host memory
+  m.def("is_managed(Tensor t) -> bool");
   m.def("format_table(str quant_type) -> Tensor");
   m.impl("format_table", c10::DispatchKey::CompositeExplicitAutograd, &format_table);
 }

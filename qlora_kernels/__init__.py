@@ -10,6 +10,7 @@ Example:
 """
 from . import _extension
 from . import ops  # noqa: F401  (fake kernels and fallbacks)
+from . import optim
 from .backends import available_backends, resolve_backend_name
 from .formats import dynamic_map, fp8_e4m3_map, get_4bit_code, nf4_from_normal_quantiles
 from .functional import (dequantize_4bit, dequantize_absmax, dequantize_blockwise,
@@ -19,6 +20,9 @@ from .memory import bits_per_parameter, estimate_memory
 from .nn import Linear4bit
 from .quant_state import QuantState
 from .serialization import load_quantized, save_quantized, split_quantized
+from .lora import QLoRALinear
+from .prepare import merge_lora, prepare_model
+from .adapters import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 EXTENSION_LOADED = _extension.EXTENSION_LOADED
@@ -29,4 +33,5 @@ __all__ = [
     "dequantize_blockwise", "double_quantize_absmax", "dynamic_map", "fp8_e4m3_map",
     "get_4bit_code", "nf4_from_normal_quantiles", "quantize_4bit", "quantize_blockwise",
     "resolve_backend_name",
+    "QLoRALinear", "prepare_model", "merge_lora", "save_adapter", "load_adapter",
 ]

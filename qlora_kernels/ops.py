@@ -20,6 +20,7 @@ import torch
 
 from . import _extension
 from .backends import torch as reference  # the submodule, not the torch package
+from .optim import reference as optim_reference
 
 # Mirrors csrc/ops.cpp (tests/test_ops.py compares them when the extension is loaded).
 SCHEMAS = {
@@ -54,6 +55,20 @@ SCHEMAS = {
         "int blocksize, int in_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
         "float offset=0.0) -> Tensor"
     ),
+    "adamw_step_": (
+        "adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
+        "bool maximize) -> ()"
+    ),
+    "adamw8bit_step_": (
+        "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) qm, Tensor(c!) absmax_m, "
+        "Tensor(d!) qv, Tensor(e!) absmax_v, Tensor code_m, Tensor code_v, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, int step, bool maximize) -> ()"
+    ),
+    "managed_supported": "managed_supported(int device) -> bool",
+    "managed_empty": "managed_empty(int[] size, ScalarType dtype, int device) -> Tensor",
+    "managed_prefetch_": "managed_prefetch_(Tensor(a!) t, int device) -> ()",
+    "is_managed": "is_managed(Tensor t) -> bool",
 }
 
 # Ops with a reference implementation that can stand in for a missing kernel.
@@ -64,9 +79,19 @@ _REFERENCE_IMPLS = {
     "quantize_8bit": reference.quantize_8bit,
     "dequantize_8bit": reference.dequantize_8bit,
     "gemv_4bit": reference.gemv_4bit,
+    "adamw_step_": optim_reference.adamw_step_,
+    "adamw8bit_step_": optim_reference.adamw8bit_step_,
+    "managed_supported": optim_reference.managed_supported,
+    "managed_empty": optim_reference.managed_empty,
+    "managed_prefetch_": optim_reference.managed_prefetch_,
+    "is_managed": optim_reference.is_managed,
 }
+# Ops whose compiled kernels exist only in CUDA builds (csrc/cuda/managed_memory.cpp, which
+# registers them for every device); a CPU-only build gets the reference "nothing is managed".
+_MANAGED_OPS = ("managed_supported", "managed_empty", "managed_prefetch_", "is_managed")
 
 _fallback_lib = None
+_managed_lib = None
 
 
 def _register_fallbacks() -> None:
@@ -78,6 +103,11 @@ def _register_fallbacks() -> None:
             if name in _REFERENCE_IMPLS:
                 _fallback_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
         return
+    if not _extension.has_kernel("managed_supported", "CompositeExplicitAutograd"):
+        global _managed_lib
+        _managed_lib = torch.library.Library("qlora_kernels", "IMPL")
+        for name in _MANAGED_OPS:
+            _managed_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
     # Extension loaded: CUDA tensors still need a kernel when it was built without CUDA.
     if torch.version.cuda is None:
         return
@@ -87,6 +117,8 @@ def _register_fallbacks() -> None:
     except Exception:  # triton missing or broken: the reference keeps CUDA tensors working
         triton_backend = None
     for name, ref_fn in _REFERENCE_IMPLS.items():
+        if name in _MANAGED_OPS:
+            continue
         if not _extension.has_kernel(name, "CUDA"):
             fn = getattr(triton_backend, name, None) if triton_backend is not None else None
             impl_lib.impl(name, fn or ref_fn, "CUDA")
@@ -133,3 +165,30 @@ def _quantize_8bit_fake(A, code, blocksize):
 @torch.library.register_fake("qlora_kernels::dequantize_8bit")
 def _dequantize_8bit_fake(q, absmax, code, blocksize, dtype):
     return q.new_empty((q.numel(),), dtype=dtype)
+
+
+@torch.library.register_fake("qlora_kernels::adamw_step_")
+def _adamw_step_fake(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+                     maximize):
+    return None
+
+
+@torch.library.register_fake("qlora_kernels::adamw8bit_step_")
+def _adamw8bit_step_fake(param, grad, qm, absmax_m, qv, absmax_v, code_m, code_v, lr, beta1,
+                         beta2, eps, weight_decay, step, maximize):
+    return None
+
+
+@torch.library.register_fake("qlora_kernels::managed_empty")
+def _managed_empty_fake(size, dtype, device):
+    return torch.empty(size, dtype=dtype, device=torch.device("cuda", device))
+
+
+@torch.library.register_fake("qlora_kernels::managed_prefetch_")
+def _managed_prefetch_fake(t, device):
+    return None
+
+
+@torch.library.register_fake("qlora_kernels::is_managed")
+def _is_managed_fake(t):
+    return False

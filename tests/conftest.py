@@ -29,3 +29,14 @@ def rng():
     """A fresh torch.Generator seeded per test (reproducible but distinct across tests)."""
     g = torch.Generator().manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
     return g
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread, restoring the count afterwards. For tests of
+    tiny layers: on a loaded 2-core machine intra-op threads only add synchronisation waits
+    (a 2-layer toy Llama forward measured 50x slower with 2 threads than with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,112 @@
+"""Benchmark one optimizer step: qlora_kernels AdamW / AdamW8bit against torch.optim.AdamW.
+
+CPU only (GPU timings are not taken here). Every optimizer owns its own copy of the same
+params; before each timed step all of them get the same fresh random gradients; the
+optimizers are timed in turn within each round (so a load change on the machine hits all of
+them alike) and the median over rounds after warm-up is reported.
+
+Example:
+    python benchmarks/bench_optim.py --numel 40000000 --rounds 15 --json results/optim.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import qlora_kernels as qk
+
+
+def make_optimizers(params_by_name, lr):
+    """name -> optimizer; torch's fused CPU AdamW only if this torch has it."""
+    opts, notes = {}, []
+    try:
+        probe = torch.nn.Parameter(torch.zeros(8))
+        probe.grad = torch.ones(8)
+        torch.optim.AdamW([probe], fused=True).step()
+        fused_ok = True
+    except (RuntimeError, TypeError, ValueError) as exc:
+        fused_ok = False
+        notes.append(f"torch fused CPU AdamW unavailable ({exc}); compared with foreach")
+    for name, params in params_by_name.items():
+        if name == "torch_fused":
+            if fused_ok:
+                opts[name] = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
+        elif name == "torch_foreach":
+            opts[name] = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, foreach=True)
+        elif name == "qk_adamw":
+            opts[name] = qk.optim.AdamW(params, lr=lr, weight_decay=0.01, backend="cpu")
+        elif name == "qk_adamw8bit":
+            opts[name] = qk.optim.AdamW8bit(params, lr=lr, weight_decay=0.01, backend="cpu")
+    return opts, notes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--numel", type=int, default=40_000_000, help="total float32 parameters")
+    ap.add_argument("--tensors", type=int, default=10, help="split into this many params")
+    ap.add_argument("--rounds", type=int, default=15, help="timed rounds")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    ap.add_argument("--skip-8bit", action="store_true")
+    ap.add_argument("--json", default=None, help="write results to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the same OpenMP runtime runs our kernels
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [args.numel // args.tensors] * args.tensors
+    sizes[-1] += args.numel - sum(sizes)
+    init = [torch.randn(n, generator=gen) for n in sizes]
+    names = ["torch_fused", "torch_foreach", "qk_adamw"] + ([] if args.skip_8bit else ["qk_adamw8bit"])
+    params_by_name = {k: [torch.nn.Parameter(t.clone()) for t in init] for k in names}
+    opts, notes = make_optimizers(params_by_name, lr=1e-4)
+    grads = [torch.empty(n) for n in sizes]
+    times = {k: [] for k in opts}
+    for r in range(args.warmup + args.rounds):
+        for g in grads:
+            g.normal_(generator=gen)  # fresh gradients, shared by every optimizer this round
+        order = list(opts.items())
+        if r % 2:  # alternate the order: no optimizer always runs right after the same one
+            order.reverse()
+        for name, opt in order:
+            for p, g in zip(params_by_name[name], grads):
+                p.grad = g
+            t0 = time.perf_counter()
+            opt.step()
+            dt = time.perf_counter() - t0
+            if r >= args.warmup:
+                times[name].append(dt * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = "torch_fused" if "torch_fused" in med else "torch_foreach"
+    # per-round ratios: both optimizers saw the same machine load within a round
+    paired = {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()}
+    result = {
+        "numel": args.numel, "tensors": args.tensors, "rounds": args.rounds,
+        "warmup": args.warmup, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "median_ms": med, "all_ms": times, "baseline": base,
+        "ratio_vs_baseline": {k: v / med[base] for k, v in med.items()},
+        "paired_ratio_vs_baseline": paired, "notes": notes,
+    }
+    print(f"{args.numel / 1e6:.1f}M float32 params in {args.tensors} tensors, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} steps after "
+          f"{args.warmup} warm-up")
+    for k, v in med.items():
+        print(f"  {k:14s} {v:9.2f} ms   x{v / med[base]:.3f} of {base} "
+              f"(median of per-round ratios x{paired[k]:.3f})")
+    for n in notes:
+        print("  note:", n)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+// CPU kernels of the fused AdamW step, 32-bit and blockwise 8-bit state.
+//
+// adamw_step_: one pass over param, grad, exp_avg, exp_avg_sq (float32 state; param and
+// grad float32, float16 or bfloat16), parallel over chunks with OpenMP. float32 params use
+// AVX2 (8 lanes; checked at run time, per-function target attribute so the module loads on
+// any x86-64) and the scalar qk::adamw_update otherwise; both do the same IEEE operations
+// in the same order (see qk_adamw.h), so lanes and tails agree bit for bit.
+// adamw8bit_step_: per block of 256, decode both moments (code[q] * absmax), update them in
+// float32 with the same element update, write the param, and re-encode both moments with
+// the block's new absmax (qk::encode_sorted256's search, midpoints precomputed; AVX2 gathers),
+// as quantize_8bit does.
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu_common.h"
+#include "qk_adamw.h"
+#include "qk_optim_checks.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace qlora_kernels::cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per OpenMP work item; static: contiguous ranges per thread
+// Below this many work items one thread does it all: waking a team costs more than it saves
+// (and on a busy machine a team waits for the slowest thread to be scheduled).
+constexpr int64_t kMinParallelChunks = 2;
+constexpr int64_t kMinParallelBlocks = 64;
+
+template <typename T>
+void adamw_range_scalar(T* p, const T* g, float* m, float* v, int64_t n,
+                        const qk::AdamWScalars& s) {
+  for (int64_t i = 0; i < n; ++i) {
+    float pf = static_cast<float>(p[i]);
+    qk::adamw_update(pf, static_cast<float>(g[i]), m[i], v[i], s);
+    p[i] = static_cast<T>(pf);  // one rounding to the param dtype per step
+  }
+}
+
+#if defined(__x86_64__)
+// The flags are template parameters and the scalars locals: the stores go through may-alias
+// vector types, so fields read through a reference would be reloaded every iteration.
+template <bool kMaximize, bool kDecay, bool kSmall>
+QK_AVX2 void adamw_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
+                              const qk::AdamWScalars s) {
+  const __m256 decay = _mm256_set1_ps(s.decay), w = _mm256_set1_ps(kSmall ? s.w1 : s.w1m1);
+  const __m256 b2 = _mm256_set1_ps(s.beta2), c2 = _mm256_set1_ps(s.c2);
+  const __m256 bc2s = _mm256_set1_ps(s.bc2_sqrt), eps = _mm256_set1_ps(s.eps);
+  const __m256 nss = _mm256_set1_ps(s.neg_step_size), sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 gv = _mm256_loadu_ps(g + i);
+    if (kMaximize) gv = _mm256_xor_ps(gv, sign);
+    __m256 pv = _mm256_loadu_ps(p + i);
+    if (kDecay) pv = _mm256_mul_ps(pv, decay);
+    __m256 mv = _mm256_loadu_ps(m + i);
+    const __m256 d = _mm256_sub_ps(gv, mv);
+    mv = _mm256_fmadd_ps(w, d, kSmall ? mv : gv);
+    const __m256 vv = _mm256_fmadd_ps(_mm256_mul_ps(c2, gv), gv,
+                                      _mm256_mul_ps(_mm256_loadu_ps(v + i), b2));
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), bc2s), eps);
+    pv = _mm256_add_ps(pv, _mm256_div_ps(_mm256_mul_ps(nss, mv), denom));
+    _mm256_storeu_ps(m + i, mv);
+    _mm256_storeu_ps(v + i, vv);
+    _mm256_storeu_ps(p + i, pv);
+  }
+  adamw_range_scalar(p + i, g + i, m + i, v + i, n - i, s);
+}
+
+QK_AVX2 void adamw_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
+                              const qk::AdamWScalars& s) {
+  const int sel = (s.maximize ? 4 : 0) | (s.apply_decay ? 2 : 0) | (s.w1_small ? 1 : 0);
+  switch (sel) {
+    case 0: return adamw_range_avx2<false, false, false>(p, g, m, v, n, s);
+    case 1: return adamw_range_avx2<false, false, true>(p, g, m, v, n, s);
+    case 2: return adamw_range_avx2<false, true, false>(p, g, m, v, n, s);
+    case 3: return adamw_range_avx2<false, true, true>(p, g, m, v, n, s);
+    case 4: return adamw_range_avx2<true, false, false>(p, g, m, v, n, s);
+    case 5: return adamw_range_avx2<true, false, true>(p, g, m, v, n, s);
+    case 6: return adamw_range_avx2<true, true, false>(p, g, m, v, n, s);
+    default: return adamw_range_avx2<true, true, true>(p, g, m, v, n, s);
+  }
+}
+#endif
+
+void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                    at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, int64_t step, bool maximize) {
+  const char* op = "adamw_step_";
+  qk_optim::check_adamw32(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step);
+  const int64_t n = param.numel();
+  const at::Tensor g = grad.contiguous();
+  const qk::AdamWScalars s =
+      qk::make_adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, maximize);
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  dispatch_float(param.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    T* p = param.data_ptr<T>();
+    const T* gp = g.data_ptr<T>();
+#pragma omp parallel for schedule(static) if (nchunks >= kMinParallelChunks)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
+#if defined(__x86_64__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (has_avx2()) {
+          adamw_range_avx2(p + b, gp + b, m + b, v + b, len, s);
+          continue;
+        }
+      }
+#endif
+      adamw_range_scalar(p + b, gp + b, m + b, v + b, len, s);
+    }
+  });
+}
+
+// The 8-bit encoder of qk::encode_sorted256 with its midpoints 0.5f * (c[k] + c[k+1])
+// computed once per call instead of per element: the same comparisons, so the same codes.
+struct Midpoints {
+  float v[256];
+  explicit Midpoints(const float* code) {
+    for (int k = 0; k < 255; ++k) v[k] = 0.5f * (code[k] + code[k + 1]);
+    v[255] = INFINITY;  // never read: the search index stays <= 254
+  }
+};
+
+inline int encode_mids(const float* mids, float s) {
+  int lo = 0;
+  for (int step = 128; step >= 1; step >>= 1) lo += (s > mids[lo + step - 1]) ? step : 0;
+  return lo;
+}
+
+void encode_block_scalar(const float* mids, const float* x, float inv, int64_t len, uint8_t* q) {
+  for (int64_t i = 0; i < len; ++i) q[i] = (uint8_t)encode_mids(mids, x[i] * inv);
+}
+
+#if defined(__x86_64__)
+// 8 lanes of the same binary search, one gather per step.
+QK_AVX2 void encode_block_avx2(const float* mids, const float* x, float inv, int64_t len,
+                               uint8_t* q) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 sv = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    __m256i lo = _mm256_setzero_si256();
+    for (int step = 128; step >= 1; step >>= 1) {
+      const __m256i idx = _mm256_add_epi32(lo, _mm256_set1_epi32(step - 1));
+      const __m256 mid = _mm256_i32gather_ps(mids, idx, 4);
+      const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(sv, mid, _CMP_GT_OQ));
+      lo = _mm256_add_epi32(lo, _mm256_and_si256(gt, _mm256_set1_epi32(step)));
+    }
+    alignas(32) int32_t tmp[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), lo);
+    for (int k = 0; k < 8; ++k) q[i + k] = (uint8_t)tmp[k];
+  }
+  encode_block_scalar(mids, x + i, inv, len - i, q + i);
+}
+#endif
+
+void encode_block(const float* mids, const float* x, float inv, int64_t len, uint8_t* q) {
+#if defined(__x86_64__)
+  if (has_avx2()) return encode_block_avx2(mids, x, inv, len, q);
+#endif
+  encode_block_scalar(mids, x, inv, len, q);
+}
+
+// One block of the 8-bit step. Scratch holds the updated moments until the new absmax is known.
+template <typename T>
+void adamw8bit_block(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, float* av,
+                     const float* code_m, const float* code_v, const float* mids_m,
+                     const float* mids_v, int64_t len,
+                     const qk::AdamWScalars& s) {
+  float mbuf[qk::kOptimBlocksize], vbuf[qk::kOptimBlocksize];
+  const float am_old = *am, av_old = *av;
+  float mmax = 0.0f, vmax = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < len; ++i) {
+    float pf = static_cast<float>(p[i]);
+    float mf = code_m[qm[i]] * am_old, vf = code_v[qv[i]] * av_old;
+    qk::adamw_update(pf, static_cast<float>(g[i]), mf, vf, s);
+    p[i] = static_cast<T>(pf);
+    mbuf[i] = mf;
+    vbuf[i] = vf;
+    mmax = std::max(mmax, std::fabs(mf));
+    vmax = std::max(vmax, std::fabs(vf));
+    nan |= (mf != mf) || (vf != vf);
+  }
+  if (nan) mmax = vmax = NAN;  // as quantize_8bit: a NaN block keeps a NaN absmax
+  *am = mmax;
+  *av = vmax;
+  const float im = qk::inverse_absmax(mmax), iv = qk::inverse_absmax(vmax);
+  encode_block(mids_m, mbuf, im, len, qm);
+  encode_block(mids_v, vbuf, iv, len, qv);
+}
+
+void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& qm,
+                        at::Tensor& absmax_m, at::Tensor& qv, at::Tensor& absmax_v,
+                        const at::Tensor& code_m, const at::Tensor& code_v, double lr,
+                        double beta1, double beta2, double eps, double weight_decay,
+                        int64_t step, bool maximize) {
+  const char* op = "adamw8bit_step_";
+  qk_optim::check_adamw8bit(param, grad, qm, absmax_m, qv, absmax_v, code_m, code_v, lr, beta1,
+                            beta2, eps, step);
+  const int64_t n = param.numel();
+  const int64_t nblocks = (n + qk::kOptimBlocksize - 1) / qk::kOptimBlocksize;
+  const at::Tensor g = grad.contiguous();
+  const qk::AdamWScalars s =
+      qk::make_adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, maximize);
+  uint8_t* qmp = qm.data_ptr<uint8_t>();
+  uint8_t* qvp = qv.data_ptr<uint8_t>();
+  float* amp = absmax_m.data_ptr<float>();
+  float* avp = absmax_v.data_ptr<float>();
+  const float* cm = code_m.data_ptr<float>();
+  const float* cv = code_v.data_ptr<float>();
+  const Midpoints mids_m(cm), mids_v(cv);
+  dispatch_float(param.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    T* p = param.data_ptr<T>();
+    const T* gp = g.data_ptr<T>();
+#pragma omp parallel for schedule(static) if (nblocks >= kMinParallelBlocks)
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t start = b * qk::kOptimBlocksize;
+      const int64_t len = std::min<int64_t>(qk::kOptimBlocksize, n - start);
+      adamw8bit_block(p + start, gp + start, qmp + start, amp + b, qvp + start, avp + b, cm, cv,
+                      mids_m.v, mids_v.v, len, s);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_kernels, CPU, m) {
+  m.impl("adamw_step_", &adamw_step_cpu);
+  m.impl("adamw8bit_step_", &adamw8bit_step_cpu);
+}
+
+}  // namespace qlora_kernels::cpu

@@ -1,0 +1,195 @@
+// CUDA kernels of the fused AdamW step, and the unified-memory helpers of the paged
+// optimizers. Torch-free: raw pointers and a cudaStream_t (binding: adamw_binding.cpp).
+// Element math: qk::adamw_update (csrc/include/qk_adamw.h), torch.optim.AdamW's op order;
+// build with --fmad=false so that the only FMAs are the explicit ones there.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "adamw_kernels.cuh"
+#include "qk_format.h"
+
+namespace qk_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxGrid = 65535 * 8;  // grid-stride beyond this
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// adamw32_kernel: one AdamW step on n elements, float32 state.
+// Launch: block 256 threads, grid min(ceil(n / 256), 524280), grid-stride loop; one thread
+// per element per iteration (memory bound: 2 reads of T, 2 of float, 1 write of T, 2 of float).
+template <typename T>
+__global__ void adamw32_kernel(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
+                               float* __restrict__ v, int64_t n, qk::AdamWScalars s) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float pf = to_f(p[i]), mf = m[i], vf = v[i];
+    qk::adamw_update(pf, to_f(g[i]), mf, vf, s);
+    p[i] = from_f<T>(pf);
+    m[i] = mf;
+    v[i] = vf;
+  }
+}
+
+// adamw8bit_kernel: one AdamW step with blockwise 8-bit moments; CUDA block b owns
+// quantization block b (256 elements): decode m = code_m[qm] * absmax_m[b] (v likewise),
+// update in float32, reduce the new absmax of each moment over the block, re-encode with
+// qk::encode_sorted256 against the codes staged in shared memory. A block with NaN keeps a
+// NaN absmax, as quantize_8bit does.
+// Launch: block 256 threads, grid ceil(n / 256) (one thread per element); 2 KiB shared.
+template <typename T>
+__global__ void adamw8bit_kernel(T* __restrict__ p, const T* __restrict__ g,
+                                 uint8_t* __restrict__ qm, float* __restrict__ absmax_m,
+                                 uint8_t* __restrict__ qv, float* __restrict__ absmax_v,
+                                 const float* __restrict__ code_m, const float* __restrict__ code_v,
+                                 int64_t n, qk::AdamWScalars s) {
+  __shared__ float cm[256], cv[256];
+  __shared__ float wmax_m[kThreads / 32], wmax_v[kThreads / 32];
+  const int t = threadIdx.x;
+  cm[t] = code_m[t];
+  cv[t] = code_v[t];
+  const int64_t b = blockIdx.x;
+  const int64_t i = b * qk::kOptimBlocksize + t;
+  const bool valid = i < n;
+  const float am_old = absmax_m[b], av_old = absmax_v[b];
+  __syncthreads();
+  float mf = 0.0f, vf = 0.0f;
+  if (valid) {
+    float pf = to_f(p[i]);
+    mf = cm[qm[i]] * am_old;
+    vf = cv[qv[i]] * av_old;
+    qk::adamw_update(pf, to_f(g[i]), mf, vf, s);
+    p[i] = from_f<T>(pf);
+  }
+  // fmaxf drops NaN, so NaN is tracked separately below.
+  float am = fabsf(mf), av = fabsf(vf);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, off));
+    av = fmaxf(av, __shfl_xor_sync(0xffffffffu, av, off));
+  }
+  if ((t & 31) == 0) {
+    wmax_m[t >> 5] = am;
+    wmax_v[t >> 5] = av;
+  }
+  const int any_nan = __syncthreads_or(valid && (mf != mf || vf != vf));
+  am = wmax_m[0];
+  av = wmax_v[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) {
+    am = fmaxf(am, wmax_m[w]);
+    av = fmaxf(av, wmax_v[w]);
+  }
+  if (any_nan) am = av = __int_as_float(0x7fc00000);
+  if (t == 0) {
+    absmax_m[b] = am;
+    absmax_v[b] = av;
+  }
+  if (valid) {
+    qm[i] = (uint8_t)qk::encode_sorted256(cm, mf * qk::inverse_absmax(am));
+    qv[i] = (uint8_t)qk::encode_sorted256(cv, vf * qk::inverse_absmax(av));
+  }
+}
+
+template <typename T>
+cudaError_t launch32(void* p, const void* g, float* m, float* v, int64_t n,
+                     const qk::AdamWScalars& s, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  const int grid = (int)(blocks < kMaxGrid ? blocks : kMaxGrid);
+  adamw32_kernel<T><<<grid, kThreads, 0, stream>>>((T*)p, (const T*)g, m, v, n, s);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch8(void* p, const void* g, uint8_t* qm, float* am, uint8_t* qv, float* av,
+                    const float* cm, const float* cv, int64_t n, const qk::AdamWScalars& s,
+                    cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = (n + qk::kOptimBlocksize - 1) / qk::kOptimBlocksize;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  adamw8bit_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>((T*)p, (const T*)g, qm, am, qv,
+                                                                  av, cm, cv, n, s);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_adamw32(int ptype, void* p, const void* g, float* m, float* v, int64_t n,
+                           const qk::AdamWScalars& s, cudaStream_t stream) {
+  switch (ptype) {
+    case kF32: return launch32<float>(p, g, m, v, n, s, stream);
+    case kF16: return launch32<__half>(p, g, m, v, n, s, stream);
+    case kBF16: return launch32<__nv_bfloat16>(p, g, m, v, n, s, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_adamw8bit(int ptype, void* p, const void* g, uint8_t* qm, float* absmax_m,
+                             uint8_t* qv, float* absmax_v, const float* code_m,
+                             const float* code_v, int64_t n, const qk::AdamWScalars& s,
+                             cudaStream_t stream) {
+  switch (ptype) {
+    case kF32: return launch8<float>(p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s, stream);
+    case kF16: return launch8<__half>(p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s, stream);
+    case kBF16:
+      return launch8<__nv_bfloat16>(p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// ------------------------------------------------------------------ managed memory
+bool managed_memory_supported(int device) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are unaffected
+    return false;
+  }
+  int managed = 0;
+  if (cudaDeviceGetAttribute(&managed, cudaDevAttrManagedMemory, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return managed != 0;
+}
+
+bool concurrent_managed_access(int device) {
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrConcurrentManagedAccess, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return v != 0;
+}
+
+bool pointer_is_managed(const void* ptr) {
+  cudaPointerAttributes attr;
+  if (ptr == nullptr || cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.type == cudaMemoryTypeManaged;
+}
+
+cudaError_t prefetch_managed(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
+#if CUDART_VERSION >= 13000
+  cudaMemLocation loc;
+  loc.type = device < 0 ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
+  loc.id = device < 0 ? 0 : device;
+  return cudaMemPrefetchAsync(ptr, bytes, loc, 0, stream);
+#else
+  return cudaMemPrefetchAsync(ptr, bytes, device < 0 ? cudaCpuDeviceId : device, stream);
+#endif
+}
+
+}  // namespace qk_cuda

@@ -1,0 +1,108 @@
+// CUDA unified (managed) memory for paged optimizer state: allocation as a torch tensor with
+// a cudaFree deleter, prefetch, and queries. Registered for every device key
+// (CompositeExplicitAutograd) so CPU tensors get "not managed" / no-op. CUDA builds only;
+// CPU-only builds use the reference in qlora_kernels/optim/reference.py.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+
+#include "adamw_kernels.cuh"
+
+namespace qlora_kernels::cuda {
+namespace {
+
+// Bytes of managed memory handed out and not yet freed: the driver only backs pages when
+// they are touched, so free GPU memory alone would let us over-commit.
+std::atomic<int64_t> g_managed_bytes{0};
+
+// MemAvailable from /proc/meminfo (what the kernel can give without swapping).
+int64_t host_available_bytes() {
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    long long kb = -1;
+    while (std::fgets(line, sizeof(line), f)) {
+      if (std::sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
+    }
+    std::fclose(f);
+    if (kb >= 0) return (int64_t)kb * 1024;
+  }
+  return (int64_t)sysconf(_SC_AVPHYS_PAGES) * (int64_t)sysconf(_SC_PAGESIZE);
+}
+
+bool managed_supported(int64_t device) {
+  return qk_cuda::managed_memory_supported((int)device);
+}
+
+at::Tensor managed_empty(at::IntArrayRef size, at::ScalarType dtype, int64_t device) {
+  TORCH_CHECK(managed_supported(device), "managed_empty: cuda:", device,
+              " does not support CUDA managed memory");
+  const auto options = at::TensorOptions().dtype(dtype).device(at::kCUDA, (int)device);
+  int64_t numel = 1;
+  for (int64_t s : size) {
+    TORCH_CHECK(s >= 0, "managed_empty: negative size ", s);
+    numel *= s;
+  }
+  if (numel == 0) return at::empty(size, options);
+  const int64_t nbytes = numel * (int64_t)c10::elementSize(dtype);
+  const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+  size_t free_b = 0, total_b = 0;
+  C10_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  const int64_t host_b = host_available_bytes();
+  const int64_t in_use = g_managed_bytes.load();
+  TORCH_CHECK(nbytes + in_use <= (int64_t)free_b + host_b, "managed_empty: refusing to allocate ",
+              nbytes, " bytes of managed memory: cuda:", device, " has ", (int64_t)free_b,
+              " bytes free and the host ", host_b, " bytes available, and ", in_use,
+              " bytes of managed memory are already allocated. Use fewer trainable parameters, "
+              "8-bit optimizer state (PagedAdamW8bit), or free memory.");
+  void* ptr = nullptr;
+  const cudaError_t err = cudaMallocManaged(&ptr, (size_t)nbytes, cudaMemAttachGlobal);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    TORCH_CHECK(false, "managed_empty: cudaMallocManaged(", nbytes, " bytes) on cuda:", device,
+                " failed: ", cudaGetErrorString(err));
+  }
+  g_managed_bytes += nbytes;
+  auto deleter = [nbytes](void* p) {
+    cudaFree(p);
+    g_managed_bytes -= nbytes;
+  };
+  return at::for_blob(ptr, size).options(options).deleter(deleter).make_tensor();
+}
+
+void managed_prefetch_(at::Tensor& t, int64_t device) {
+  if (!t.is_cuda() || t.numel() == 0) return;
+  const void* ptr = t.data_ptr();
+  if (!qk_cuda::pointer_is_managed(ptr)) return;
+  const int target = (int)device;
+  const int owner = t.device().index();
+  // Prefetching needs concurrent managed access (not on Windows/WSL or pre-Pascal GPUs);
+  // without it the driver migrates pages on demand and we leave it to do so.
+  if (!qk_cuda::concurrent_managed_access(target >= 0 ? target : owner)) return;
+  const c10::cuda::CUDAGuard guard((c10::DeviceIndex)(target >= 0 ? target : owner));
+  const cudaError_t err = qk_cuda::prefetch_managed(ptr, t.nbytes(), target,
+                                                    c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "managed_prefetch_: cudaMemPrefetchAsync failed: ",
+              cudaGetErrorString(err));
+}
+
+bool is_managed(const at::Tensor& t) {
+  return t.is_cuda() && t.numel() > 0 && qk_cuda::pointer_is_managed(t.data_ptr());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_kernels, CompositeExplicitAutograd, m) {
+  m.impl("managed_supported", &managed_supported);
+  m.impl("managed_empty", &managed_empty);
+  m.impl("managed_prefetch_", &managed_prefetch_);
+  m.impl("is_managed", &is_managed);
+}
+
+}  // namespace qlora_kernels::cuda

@@ -1,0 +1,292 @@
+"""AdamW with fused kernels, optional paged (CUDA unified memory) state, optional 8-bit state.
+
+``AdamW`` follows torch.optim.AdamW (decoupled weight decay, bias correction, ``maximize``;
+``amsgrad`` is rejected) and keeps torch's state layout: ``step`` a float32 CPU tensor,
+``exp_avg``/``exp_avg_sq`` float32 tensors shaped like the param (float32 also for bfloat16 or
+float16 params, which are updated in float32 and rounded once per step). ``AdamW8bit``
+stores both moments blockwise 8-bit instead (blocks of 256; signed dynamic code for the first
+moment, unsigned for the second). ``Paged*`` put large states in CUDA managed memory.
+
+Backends (``backend=``): "cuda"/"cpu" (the compiled op for the param's device), "triton"
+(32-bit state; the 8-bit step then uses the compiled op or the reference), "torch" (the
+pure-PyTorch reference). Default: the environment variable QLORA_KERNELS_BACKEND, else the
+best one for the device.
+
+Example:
+    >>> import torch, qlora_kernels as qk
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = qk.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    >>> model(torch.randn(3, 4)).sum().backward(); opt.step(); opt.zero_grad()
+    >>> opt.state[model.weight]["exp_avg"].shape
+    torch.Size([2, 4])
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+
+from .. import _extension
+from ..backends import resolve_backend_name
+from ..formats import dynamic_map
+from . import paged as paged_mod
+from . import reference
+
+_STATE32 = ("exp_avg", "exp_avg_sq")
+_STATE8 = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
+BLOCKSIZE = reference.OPTIM_BLOCKSIZE
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with a fused update kernel.
+
+    Args beyond torch.optim.AdamW's: ``paged`` (state in CUDA unified memory), ``backend``,
+    ``optim_bits`` (32 or 8), ``min_8bit_size`` (smaller params keep 32-bit state),
+    ``paged_min_numel`` (smaller states stay in ordinary memory).
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> w = torch.nn.Parameter(torch.randn(10))
+        >>> opt = qk.optim.AdamW([w], lr=0.1)
+        >>> w.grad = torch.ones(10); opt.step()
+        >>> int(opt.state[w]["step"])
+        1
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 paged: bool = False, backend: str | None = None, optim_bits: int = 32,
+                 min_8bit_size: int = 4096,
+                 paged_min_numel: int = paged_mod.PAGED_MIN_NUMEL):
+        if optim_bits not in (32, 8):
+            raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize)
+        _check_hyper(defaults)
+        self.paged = bool(paged)
+        self.backend = backend
+        self.optim_bits = optim_bits
+        self.min_8bit_size = int(min_8bit_size)
+        self.paged_min_numel = int(paged_min_numel)
+        self._codes = {}
+        super().__init__(params, defaults)
+        if self.paged:
+            self._warn_if_not_paged()
+
+    # ------------------------------------------------------------------ setup
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_hyper(self.param_groups[-1])
+
+    def _warn_if_not_paged(self) -> None:
+        """One warning per optimizer when paged state will live in ordinary memory."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                why = paged_mod.fallback_reason(p.device)
+                if why is not None:
+                    warnings.warn(f"{type(self).__name__}: paged=True but {why}; optimizer "
+                                  "state goes to ordinary memory", RuntimeWarning, stacklevel=3)
+                    return
+
+    def _code(self, device: torch.device, signed: bool) -> torch.Tensor:
+        key = (device, signed)
+        if key not in self._codes:
+            self._codes[key] = dynamic_map(signed=signed).to(device)
+        return self._codes[key]
+
+    def _use_8bit(self, p: torch.Tensor) -> bool:
+        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _zeros(self, shape, dtype, device) -> torch.Tensor:
+        return paged_mod.state_zeros(shape, dtype, device, self.paged, self.paged_min_numel)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = {"step": torch.tensor(0.0, dtype=torch.float32)}  # as torch: float32 on CPU
+        if self._use_8bit(p):
+            nblocks = -(-p.numel() // BLOCKSIZE)
+            state["exp_avg_q"] = self._zeros(p.shape, torch.uint8, p.device)
+            state["exp_avg_absmax"] = self._zeros((nblocks,), torch.float32, p.device)
+            state["exp_avg_sq_q"] = self._zeros(p.shape, torch.uint8, p.device)
+            state["exp_avg_sq_absmax"] = self._zeros((nblocks,), torch.float32, p.device)
+        else:
+            state["exp_avg"] = self._zeros(p.shape, torch.float32, p.device)
+            state["exp_avg_sq"] = self._zeros(p.shape, torch.float32, p.device)
+        return state
+
+    # ------------------------------------------------------------------ step
+    def _backend_name(self, device: torch.device) -> str:
+        return resolve_backend_name(device, self.backend)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every param with a gradient.
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> w = torch.nn.Parameter(torch.zeros(3)); opt = qk.optim.AdamW([w], lr=0.5)
+            >>> w.grad = torch.ones(3); opt.step(); [round(x, 4) for x in w.detach().tolist()]
+            [-0.5, -0.5, -0.5]
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                     float(group["weight_decay"]))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state.update(self._init_state(p))
+                state["step"] += 1
+                step = int(state["step"].item())
+                self._update(p, p.grad, state, hyper, step, bool(group["maximize"]))
+        return loss
+
+    def _update(self, p, grad, state, hyper, step: int, maximize: bool) -> None:
+        if self.paged:
+            for key in _STATE32 + _STATE8:
+                if key in state:
+                    paged_mod.prefetch_(state[key], p.device)
+        name = self._backend_name(p.device)
+        if "exp_avg_q" in state:
+            code_m, code_v = self._code(p.device, True), self._code(p.device, False)
+            if name == "torch" or not _extension.EXTENSION_LOADED:
+                fn = reference.adamw8bit_step_
+            else:  # the compiled op (CPU/CUDA kernels, or the reference where none is built)
+                fn = torch.ops.qlora_kernels.adamw8bit_step_
+            fn(p, grad, state["exp_avg_q"], state["exp_avg_absmax"], state["exp_avg_sq_q"],
+               state["exp_avg_sq_absmax"], code_m, code_v, *hyper, step, maximize)
+            return
+        if name == "torch":
+            fn = reference.adamw_step_
+        elif name == "triton":
+            from ..triton.adamw import adamw_step_ as fn
+        else:
+            fn = torch.ops.qlora_kernels.adamw_step_
+        fn(p, grad, state["exp_avg"], state["exp_avg_sq"], *hyper, step, maximize)
+
+    # ------------------------------------------------------------------ state dicts
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict (from this class, or torch.optim.AdamW for 32-bit state) and put
+        every state back where a fresh step would: float32 / uint8 on the param's device, in
+        managed memory again when paged (never silently in ordinary device memory).
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> w = torch.nn.Parameter(torch.randn(5)); opt = qk.optim.AdamW([w])
+            >>> w.grad = torch.randn(5); opt.step()
+            >>> opt2 = qk.optim.AdamW([w]); opt2.load_state_dict(opt.state_dict())
+            >>> torch.equal(opt2.state[w]["exp_avg"], opt.state[w]["exp_avg"])
+            True
+        """
+        groups = state_dict["param_groups"]
+        # torch would cast every floating state to the param's dtype (wrong for float32
+        # state of bf16 params, and for uint8 codes): load the groups only, then the state.
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in groups)
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        id_map = dict(zip(saved_ids, params))
+        for key, saved in state_dict["state"].items():
+            if key in id_map:
+                p = id_map[key]
+                self.state[p] = self._restore_state(p, saved)
+
+    def _restore_state(self, p: torch.Tensor, saved: dict) -> dict:
+        is8 = "exp_avg_q" in saved
+        if not is8 and "exp_avg" not in saved:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state of a param has "
+                             f"neither exp_avg nor exp_avg_q (keys {sorted(saved)})")
+        if saved.get("max_exp_avg_sq") is not None:
+            raise ValueError("load_state_dict: the state holds max_exp_avg_sq (amsgrad), "
+                             "which this optimizer does not support")
+        out = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).detach().cpu().clone()}
+        nblocks = -(-p.numel() // BLOCKSIZE)
+        expect = ({"exp_avg_q": (p.numel(), torch.uint8), "exp_avg_sq_q": (p.numel(), torch.uint8),
+                   "exp_avg_absmax": (nblocks, torch.float32),
+                   "exp_avg_sq_absmax": (nblocks, torch.float32)} if is8 else
+                  {"exp_avg": (p.numel(), torch.float32), "exp_avg_sq": (p.numel(), torch.float32)})
+        for key, (numel, dtype) in expect.items():
+            val = saved[key]
+            if val.numel() != numel:
+                raise ValueError(f"load_state_dict: {key} has {val.numel()} elements, the param "
+                                 f"needs {numel} (a state dict of a different model?)")
+            shape = (nblocks,) if key.endswith("absmax") else p.shape
+            dst = self._zeros(shape, dtype, p.device)
+            dst.copy_(val.reshape(shape))  # also moves across devices (GPU <-> CPU)
+            out[key] = dst
+        return out
+
+
+class PagedAdamW(AdamW):
+    """``AdamW(paged=True)``: large states in CUDA unified memory, paged out under pressure.
+
+    Example:
+        >>> import torch, qlora_kernels as qk, warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # no CUDA here: ordinary memory, one warning
+        ...     opt = qk.optim.PagedAdamW([torch.nn.Parameter(torch.randn(4))], lr=2e-4)
+        >>> opt.paged
+        True
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
+        kwargs.setdefault("paged", True)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+
+class AdamW8bit(AdamW):
+    """AdamW with both moments blockwise 8-bit (params below ``min_8bit_size`` keep 32-bit).
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> w = torch.nn.Parameter(torch.randn(5000)); opt = qk.optim.AdamW8bit([w])
+        >>> w.grad = torch.randn(5000); opt.step(); opt.state[w]["exp_avg_q"].dtype
+        torch.uint8
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
+        kwargs.setdefault("optim_bits", 8)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+
+class PagedAdamW8bit(AdamW8bit):
+    """``AdamW8bit`` with paged state.
+
+    Example:
+        >>> import torch, qlora_kernels as qk, warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     opt = qk.optim.PagedAdamW8bit([torch.nn.Parameter(torch.randn(4))])
+        >>> (opt.paged, opt.optim_bits)
+        (True, 8)
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs):
+        kwargs.setdefault("paged", True)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
+
+
+def _check_hyper(group: dict) -> None:
+    if group.get("amsgrad", False):
+        raise ValueError("amsgrad=True is not supported by qlora_kernels' AdamW (it would need "
+                         "a third state buffer); use torch.optim.AdamW(amsgrad=True) instead")
+    lr = group["lr"]
+    if not float(lr) >= 0.0:
+        raise ValueError(f"invalid learning rate: {lr!r} (must be >= 0)")
+    if not float(group["eps"]) >= 0.0:
+        raise ValueError(f"invalid eps: {group['eps']!r} (must be >= 0)")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"invalid betas: {betas!r} (two values in [0, 1))")
+    if not float(group["weight_decay"]) >= 0.0:
+        raise ValueError(f"invalid weight_decay: {group['weight_decay']!r} (must be >= 0)")

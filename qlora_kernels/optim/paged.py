@@ -1,0 +1,100 @@
+"""Optimizer state in CUDA unified (managed) memory, with an ordinary-memory fallback.
+
+Large states (``numel >= PAGED_MIN_NUMEL``) of CUDA params go to memory from
+``cudaMallocManaged`` (op ``qlora_kernels::managed_empty``): the driver pages it to host
+memory when the GPU runs short, and ``prefetch_`` moves it back before its update (only
+on devices that report concurrent managed access). Small states stay in ordinary memory.
+Where managed memory is unavailable (no CUDA, a CPU-only build, an unsupported device),
+``paged=True`` falls back to ordinary memory; the optimizer warns once.
+
+Example:
+    >>> import torch
+    >>> from qlora_kernels.optim import paged
+    >>> t = paged.state_zeros((10,), torch.float32, "cpu", paged=False)
+    >>> paged.is_paged(t)
+    False
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PAGED_MIN_NUMEL = 100_000  # below this, paging saves little and costs a page-fault round trip
+
+
+def _op(name):
+    return getattr(torch.ops.qlora_kernels, name)
+
+
+def _index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if device.type == "cuda" else 0
+
+
+def managed_supported(device) -> bool:
+    """Whether ``device`` can hold managed optimizer state (a CUDA device, a CUDA build,
+    and a device that reports managed-memory support).
+
+    Example:
+        >>> managed_supported("cpu")
+        False
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        return bool(_op("managed_supported")(_index(device)))
+    except (NotImplementedError, RuntimeError):  # no kernel in this build
+        return False
+
+
+def fallback_reason(device) -> str | None:
+    """Why paged state on ``device`` would fall back to ordinary memory (None if it won't)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"params are on {device.type}, and unified memory needs a CUDA device"
+    if not managed_supported(device):
+        return f"{device} or this build of qlora_kernels does not support managed memory"
+    return None
+
+
+def state_zeros(shape, dtype: torch.dtype, device, paged: bool,
+                min_numel: int = PAGED_MIN_NUMEL) -> torch.Tensor:
+    """A zero state tensor: managed memory when ``paged`` and large enough and supported,
+    else ordinary memory on ``device``.
+
+    Example:
+        >>> state_zeros((2, 3), torch.float32, "cpu", paged=True).shape
+        torch.Size([2, 3])
+    """
+    device = torch.device(device)
+    numel = math.prod(shape)
+    if paged and numel >= min_numel and managed_supported(device):
+        # managed_empty raises a clear error when the request exceeds free GPU + host memory
+        return _op("managed_empty")(list(shape), dtype, _index(device)).zero_()
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def is_paged(t: torch.Tensor) -> bool:
+    """True when ``t`` lives in CUDA managed memory.
+
+    Example:
+        >>> is_paged(torch.zeros(3))
+        False
+    """
+    if not t.is_cuda:
+        return False
+    try:
+        return bool(_op("is_managed")(t))
+    except (NotImplementedError, RuntimeError):
+        return False
+
+
+def prefetch_(t: torch.Tensor, device) -> None:
+    """Ask the driver to move managed ``t`` to ``device`` (a no-op for ordinary memory and on
+    devices without concurrent managed access, where prefetching is not allowed)."""
+    device = torch.device(device)
+    if t.is_cuda and t.numel() > 0 and device.type == "cuda":
+        _op("managed_prefetch_")(t, _index(device))
