@@ -56,6 +56,7 @@ def build_model(args, dtype, device):
                      compute_dtype=dtype, verbose=qd.rank() == 0)
     # The packed bytes take the dtype of the parameters beside them (see docs/fsdp.md).
     qd.set_quant_storage(model, dtype)
+    model.config.use_cache = False  # training: no KV cache
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -139,7 +139,8 @@ def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_byte
 
     ``fsdp=True`` counts the FSDP2 layout of ``qlora_kernels.distributed`` exactly: only the
     4-bit codes (4 bits/param) are sharded; the quantization state (absmax, nested scales,
-    tables: 0.127 bits/param with double quantization) stays replicated on every device;
+    tables: 0.127 bits/param with double quantization, plus 1088 bytes of tables per
+    linear layer) stays replicated on every device;
     adapters, their gradients and AdamW state are sharded; and two decoder layers are
     all-gathered at a time (the one computing, the one prefetched: codes, adapters and
     adapter gradients). ``shapes = (hidden, intermediate, layers, kv_fraction)`` overrides the
@@ -167,7 +168,8 @@ def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_byte
     sharded = qstate = unsharded = 0.0
     if fsdp:
         sharded = n_params * 0.5 / ws / gb
-        qstate = nf4_dq - n_params * 0.5 / gb
+        # the scales, plus each quantized linear layer's own code tables (16 + 256 float32)
+        qstate = nf4_dq - n_params * 0.5 / gb + 7 * layers * (16 + 256) * 4 / gb
         if ws > 1:
             # one layer's codes and adapters (+ adapter grads), twice (compute + prefetch)
             unsharded = 2 * (linear_params_per_layer(shp) * 0.5
