@@ -62,13 +62,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json")
     parser.add_argument("--max-tensors", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="small synthetic weights only")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    n = 512 if args.quick else 4096
     sets = {
-        "gaussian 4096x4096": [("randn", torch.randn(4096, 4096))],
-        "student-t(4) 4096x4096": [("t4", torch.distributions.StudentT(4.0).sample((4096, 4096)))],
+        f"gaussian {n}x{n}": [("randn", torch.randn(n, n))],
+        f"student-t(4) {n}x{n}": [("t4", torch.distributions.StudentT(4.0).sample((n, n)))],
     }
-    real = list(smollm2_weights(args.max_tensors))
+    if args.quick:
+        args.max_tensors = 0
+    real = list(smollm2_weights(args.max_tensors)) if args.max_tensors > 0 else []
     if real:
         sets[f"SmolLM2-135M ({len(real)} weights)"] = real
     else:
