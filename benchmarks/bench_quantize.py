@@ -2,7 +2,9 @@
 
 For each shape (4096x4096 and the 14336x4096 MLP weight, bf16) and each available backend:
 median time, achieved GB/s (bytes the kernel must move), and the ratio to a device memory
-copy moving the same number of bytes, measured in the same run. Dequantize is timed into a
+copy moving the same number of bytes (half read, half written), measured in the same run:
+kernels and copies run round-robin, and the ratio is the median of per-round ratios, so
+load on a shared machine hits both alike. Dequantize is timed into a
 preallocated output (``out=``), like the copy; with and without double quantization.
 
 Usage: python benchmarks/bench_quantize.py [--json out.json] [--quick] [--device cuda]
@@ -18,12 +20,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
-from benchmarks.timing import copy_time, device_info, median_time  # noqa: E402
+from benchmarks.timing import device_info, median_ratio, median_time, paired_times  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 
 
 def bench(device: str, shapes, backends, reps: int):
+    """Every backend's four ops and the two copies, timed round-robin per shape (the
+    reference backend, ~100x slower, separately with fewer repetitions)."""
     rows = []
     for shape in shapes:
         w = torch.randn(*shape, dtype=torch.bfloat16, device=device)
@@ -33,24 +37,37 @@ def bench(device: str, shapes, backends, reps: int):
         out = torch.empty_like(w)
         q_bytes = n * 2 + packed.numel() + s_plain.absmax.numel() * 4
         d_bytes = packed.numel() + s_plain.absmax.numel() * 4 + n * 2
-        t_copy_q = copy_time(q_bytes, device, reps=reps)
-        t_copy_d = copy_time(d_bytes, device, reps=reps)
+        half_q = torch.randint(0, 255, (q_bytes // 2,), dtype=torch.uint8, device=device)
+        half_d = torch.randint(0, 255, (d_bytes // 2,), dtype=torch.uint8, device=device)
+        dst_q, dst_d = torch.empty_like(half_q), torch.empty_like(half_d)
+        fns = {"copy_q": lambda: dst_q.copy_(half_q), "copy_d": lambda: dst_d.copy_(half_d)}
+        ops = {}
         for be in backends:
-            cases = {
-                "quantize": (lambda: qk.quantize_4bit(w, double_quant=False, backend=be),
-                             q_bytes, t_copy_q),
-                "quantize+DQ": (lambda: qk.quantize_4bit(w, double_quant=True, backend=be),
-                                q_bytes, t_copy_q),
-                "dequantize": (lambda: qk.dequantize_4bit(packed, s_plain, out=out, backend=be),
-                               d_bytes, t_copy_d),
-                "dequantize+DQ": (lambda: qk.dequantize_4bit(packed, s_dq, out=out, backend=be),
-                                  d_bytes, t_copy_d),
-            }
-            for op, (fn, nbytes, t_copy) in cases.items():
-                t = median_time(fn, device, reps=reps if be != "torch" else max(3, reps // 3))
-                rows.append({"shape": list(shape), "backend": be, "op": op, "ms": t * 1e3,
-                             "GB/s": nbytes / t / 1e9, "copy_ms": t_copy * 1e3,
-                             "x_copy": t / t_copy})
+            ops[(be, "quantize")] = (lambda be=be: qk.quantize_4bit(w, double_quant=False, backend=be),
+                                     q_bytes, "copy_q")
+            ops[(be, "quantize+DQ")] = (lambda be=be: qk.quantize_4bit(w, double_quant=True, backend=be),
+                                        q_bytes, "copy_q")
+            ops[(be, "dequantize")] = (lambda be=be: qk.dequantize_4bit(packed, s_plain, out=out, backend=be),
+                                       d_bytes, "copy_d")
+            ops[(be, "dequantize+DQ")] = (lambda be=be: qk.dequantize_4bit(packed, s_dq, out=out, backend=be),
+                                          d_bytes, "copy_d")
+        fast = {f"{be}/{op}": fn for (be, op), (fn, _, _) in ops.items() if be != "torch"}
+        timed = paired_times({**fns, **fast}, device, rounds=reps)
+        for (be, op), (fn, nbytes, copy) in ops.items():
+            key = f"{be}/{op}"
+            if be == "torch":
+                t = median_time(fn, device, warmup=1, reps=3)
+                ratio = t / timed["median"][copy]
+            else:
+                t = timed["median"][key]
+                ratio = median_ratio(timed["rounds"], key, copy)
+            rows.append({"shape": list(shape), "backend": be, "op": op, "ms": t * 1e3,
+                         "GB/s": nbytes / t / 1e9, "copy_ms": timed["median"][copy] * 1e3,
+                         "x_copy": ratio})
+        if "cpu" in backends or "cuda" in backends:
+            be = "cuda" if "cuda" in backends else "cpu"
+            rows.append({"shape": list(shape), "backend": be, "op": "DQ overhead",
+                         "ratio": median_ratio(timed["rounds"], f"{be}/dequantize+DQ", f"{be}/dequantize")})
     return rows
 
 
@@ -71,13 +88,12 @@ def main(argv=None):
     print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}")
     print(f"{'shape':>12} {'backend':>7} {'op':>14} {'ms':>8} {'GB/s':>7} {'copy ms':>8} {'x copy':>7}")
     for r in rows:
+        if r["op"] == "DQ overhead":
+            print(f"DQ overhead {r['shape']} {r['backend']}: {100 * (r['ratio'] - 1):+.1f}% "
+                  "(median per-round ratio, dequantize+DQ / dequantize)")
+            continue
         print(f"{'x'.join(map(str, r['shape'])):>12} {r['backend']:>7} {r['op']:>14} {r['ms']:>8.2f} "
               f"{r['GB/s']:>7.1f} {r['copy_ms']:>8.2f} {r['x_copy']:>7.2f}")
-    by = {(tuple(r["shape"]), r["backend"], r["op"]): r["ms"] for r in rows}
-    for shape in shapes:
-        for be in backends:
-            plain, dq = by[(tuple(shape), be, "dequantize")], by[(tuple(shape), be, "dequantize+DQ")]
-            print(f"DQ overhead {shape} {be}: {100 * (dq / plain - 1):+.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

@@ -39,6 +39,41 @@ def median_time(fn, device="cpu", warmup: int = 3, reps: int = 15) -> float:
     return statistics.median(times)
 
 
+def paired_times(fns: dict, device="cpu", warmup: int = 2, rounds: int = 15) -> dict:
+    """Time several functions round-robin: each round runs every function once (order
+    rotating), so all of them see the same machine load. Returns per-function median
+    seconds and, for ratios, the per-round times (``name -> list``).
+
+    Example:
+        >>> r = paired_times({"a": lambda: sum(range(10)), "b": lambda: sum(range(20))}, rounds=3)
+        >>> sorted(r["median"])
+        ['a', 'b']
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    # calls per measurement: enough for ~10 ms, so short kernels are not timer noise
+    inner = {n: max(1, int(0.01 / max(median_time(fns[n], device, warmup=0, reps=3), 1e-7)))
+             for n in names}
+    per = {n: [] for n in names}
+    for i in range(rounds):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for n in order:
+            k = inner[n]
+
+            def batch(fn=fns[n], k=k):
+                for _ in range(k):
+                    fn()
+            per[n].append(median_time(batch, device, warmup=0, reps=1) / k)
+    return {"median": {n: statistics.median(v) for n, v in per.items()}, "rounds": per}
+
+
+def median_ratio(rounds: dict, a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b) (see ``paired_times``)."""
+    return statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
+
+
 def copy_time(nbytes: int, device="cpu", **kw) -> float:
     """Median seconds of a device memory copy that moves ``nbytes`` in total (half read,
     half written), into a preallocated buffer."""

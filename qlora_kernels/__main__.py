@@ -4,6 +4,7 @@ Commands:
   demo     the main job: QLoRA on SmolLM2-135M-Instruct end to end (memory and
            perplexity tables, fine-tune, adapter, report)
   memory   the QLoRA memory table for a model size (``--params 65e9``)
+  bench    every benchmark (``python -m benchmarks``; e.g. ``bench --quick``)
 
 Example:
     $ python -m qlora_kernels demo
@@ -34,6 +35,20 @@ def _memory(args) -> int:
     return 0
 
 
+def _bench(bench_args) -> int:
+    import importlib
+    import os
+
+    # benchmarks/ lives beside the package in a checkout (editable install)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, "benchmarks")):
+        print("qlora-kernels bench runs from a source checkout (benchmarks/ not found)")
+        return 2
+    sys.path.insert(0, root)
+    importlib.import_module("benchmarks.__main__").main(bench_args)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-kernels", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +62,10 @@ def main(argv=None) -> int:
     mem.add_argument("--r", type=int, default=64)
     mem.add_argument("--world-size", type=int, default=1)
     mem.set_defaults(func=_memory)
+    sub.add_parser("bench", help="run the benchmarks (python -m benchmarks; same options)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options belong to the harness
+        return _bench(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from typing import Dict, Optional
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from .lora import QLoRALinear
 from .prepare import lora_layers, linear_names, match_module_name, prepare_model
+from .serialization import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -114,18 +114,6 @@ def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = No
     }
 
 
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
                  task_type: Optional[str] = "auto") -> None:
     """Write ``model``'s LoRA adapters to the directory ``path`` in PEFT's layout.
@@ -150,7 +138,7 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[
             w = getattr(m, part).weight
             tensors[f"{PREFIX}{name}.{part}.weight"] = w.detach().to("cpu").contiguous().clone()
     os.makedirs(path, exist_ok=True)
-    _atomic_write(os.path.join(path, WEIGHTS_NAME),
+    atomic_write(os.path.join(path, WEIGHTS_NAME),
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
     def write_json(tmp):
@@ -158,7 +146,7 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(os.path.join(path, CONFIG_NAME), write_json)
+    atomic_write(os.path.join(path, CONFIG_NAME), write_json)
 
 
 def read_adapter_config(path: str) -> dict:

@@ -6,9 +6,10 @@ picks a path by shape and device:
 * GEMV (few rows of x, e.g. token-by-token generation): the fused kernel that streams the
   packed weight once (``gemv_4bit``: AVX2 on the CPU, CUDA on GPUs).
 * GEMM (training, prefill): on GPUs the Triton kernel that dequantizes tiles of W in
-  registers; on the CPU, dequantize W to float32 for the duration of one dense float32
-  GEMM (float32 is the fastest correct path on AVX2 CPUs without native bf16), then round
-  to the input dtype.
+  registers; on the CPU, W is dequantized to float32 a tile of rows at a time (about 4 MB,
+  reused) and each tile feeds the dense float32 GEMM (float32 is the fastest correct path
+  on AVX2 CPUs without native bf16); the result is rounded to the input dtype. Tiling
+  keeps the transient memory small and avoids re-faulting a fresh full-size buffer.
 
 The row thresholds come from ``benchmarks/bench_matmul.py`` (see benchmarks/README.md);
 override them with ``set_gemv_max_rows`` or the environment variable
@@ -24,6 +25,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -54,10 +56,34 @@ def gemv_max_rows(device_type: str) -> int:
     return int(env) if env else GEMV_MAX_ROWS.get(device_type, 4)
 
 
-def _dequantize_f32(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset):
-    w = torch.ops.qlora_kernels.dequantize_4bit(packed, absmax, code, blocksize, n * k,
-                                                torch.float32, nested_absmax, nested_code, offset)
-    return w.view(n, k)
+# Elements of W dequantized per CPU GEMM tile (float32: 4 MB).
+TILE_ELEMENTS = 1 << 20
+
+
+def _row_tiles(n: int, k: int, blocksize: int, nested: bool):
+    """Row ranges of W whose flat start is aligned to a block (and to a 256-block group of
+    the nested scales), so each tile's bytes, absmax and nested scales are plain slices."""
+    align = blocksize * (256 if nested else 1)
+    step = align // math.gcd(k, align)  # rows per aligned unit (align is even)
+    rows = max(step, (TILE_ELEMENTS // max(k, 1)) // step * step)
+    return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+
+def _dequantize_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset):
+    """Yield (r0, r1, W[r0:r1] as float32) tiles, reusing one buffer."""
+    flat = packed.reshape(-1)
+    tiles = _row_tiles(n, k, blocksize, nested_absmax is not None)
+    buf = torch.empty((tiles[0][1] - tiles[0][0]) * k, dtype=torch.float32, device=packed.device)
+    for r0, r1 in tiles:
+        e0, e1 = r0 * k, r1 * k
+        b0, b1 = e0 // blocksize, -(-e1 // blocksize)
+        na = None
+        if nested_absmax is not None:
+            na = nested_absmax[b0 // 256: -(-b1 // 256)]
+        w = buf[: e1 - e0]
+        torch.ops.qlora_kernels.dequantize_4bit_out(flat[e0 // 2: (e1 + 1) // 2], absmax[b0:b1],
+                                                    code, blocksize, na, nested_code, offset, w)
+        yield r0, r1, w.view(r1 - r0, k)
 
 
 def _triton_backend(device: torch.device):
@@ -88,10 +114,13 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
             if bias is not None:
                 y = y + bias.float()
         else:
-            w = _dequantize_f32(packed, absmax, code, blocksize, out_features, k, nested_absmax,
-                                nested_code, offset)
-            y = F.linear(x2.float(), w, None if bias is None else bias.float())
-            del w
+            xf = x2.float()
+            y = torch.empty(m, out_features, dtype=torch.float32, device=x.device)
+            for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, out_features, k,
+                                               nested_absmax, nested_code, offset):
+                y[:, r0:r1] = xf @ w.T
+            if bias is not None:
+                y += bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
@@ -104,10 +133,11 @@ def _matmul_4bit_backward_impl(grad_y, packed, absmax, code, blocksize, in_featu
         gx = tb.matmul_4bit(g2, packed, absmax, code, blocksize, n, in_features, nested_absmax,
                             nested_code, offset, transpose_w=True)
     else:
-        w = _dequantize_f32(packed, absmax, code, blocksize, n, in_features, nested_absmax,
-                            nested_code, offset)
-        gx = g2.float() @ w
-        del w
+        gf = g2.float()
+        gx = torch.zeros(g2.shape[0], in_features, dtype=torch.float32, device=grad_y.device)
+        for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, n, in_features,
+                                           nested_absmax, nested_code, offset):
+            gx.addmm_(gf[:, r0:r1], w)
     return gx.to(grad_y.dtype).view(*grad_y.shape[:-1], in_features)
 
 

@@ -77,21 +77,45 @@ class MemoryEstimate:
     activations_gb: float
     total_gb: float
     world_size: int = 1
+    # FSDP2 layout (``fsdp=True``; zero otherwise): the per-device share of the 4-bit codes,
+    # the replicated quantization state (absmax, nested scales, tables), and the transient
+    # all-gathered decoder layers (the one computing and the one prefetched).
+    weights_sharded_gb: float = 0.0
+    quant_state_gb: float = 0.0
+    unsharded_layers_gb: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def lora_param_count(n_params: float, r: int = 64) -> float:
-    """LoRA parameters (A and B) on all linear layers of the LLaMA model closest in size:
+def _shapes(n_params: float, shapes=None):
+    if shapes is not None:
+        return tuple(shapes)
+    return _LLAMA_SHAPES[min(_LLAMA_SHAPES, key=lambda k: abs(k - n_params))]
+
+
+def linear_params_per_layer(shapes) -> int:
+    """Weights of the seven linear layers of one LLaMA decoder layer, from
+    ``shapes = (hidden, intermediate, layers, kv_fraction)``.
+
+    Example:
+        >>> linear_params_per_layer((4096, 11008, 32, 1.0)) / 1e6
+        202.375168
+    """
+    h, i, _, kv = shapes
+    return 2 * h * h + 2 * h * int(h * kv) + 3 * h * i
+
+
+def lora_param_count(n_params: float, r: int = 64, shapes=None) -> float:
+    """LoRA parameters (A and B) on all linear layers of the LLaMA model closest in size
+    (or of ``shapes = (hidden, intermediate, layers, kv_fraction)``):
     r * (in + out) per linear, q/k/v/o and gate/up/down in every layer.
 
     Example:
         >>> round(lora_param_count(7e9) / 1e6)
         160
     """
-    key = min(_LLAMA_SHAPES, key=lambda k: abs(k - n_params))
-    h, i, layers, kv = _LLAMA_SHAPES[key]
+    h, i, layers, kv = _shapes(n_params, shapes)
     per_layer = (2 * (h + h)            # q, o
                  + 2 * (h + int(h * kv))  # k, v
                  + 2 * (h + i)          # gate, up
@@ -102,7 +126,8 @@ def lora_param_count(n_params: float, r: int = 64) -> float:
 def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_bytes: int = 2,
                     optimizer_bytes_per_param: int = 8, world_size: int = 1,
                     seq_len: int = 2048, batch_size: int = 1,
-                    checkpointing: bool = True) -> MemoryEstimate:
+                    checkpointing: bool = True, fsdp: bool = False,
+                    shapes=None) -> MemoryEstimate:
     """Per-device memory of QLoRA fine-tuning, the QLoRA paper's accounting.
 
     Weights in bf16 vs NF4 vs NF4 + double quantization (all parameters counted at the
@@ -111,6 +136,16 @@ def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_byte
     ``optimizer_bytes_per_param`` (two float32 moments); activations of one checkpointed
     sequence (layer inputs only, bf16). With ``world_size`` > 1 (FSDP) weights, adapters
     and optimizer state are divided across devices; activations are not.
+
+    ``fsdp=True`` counts the FSDP2 layout of ``qlora_kernels.distributed`` exactly: only the
+    4-bit codes (4 bits/param) are sharded; the quantization state (absmax, nested scales,
+    tables: 0.127 bits/param with double quantization, plus 1088 bytes of tables per
+    linear layer) stays replicated on every device;
+    adapters, their gradients and AdamW state are sharded; and two decoder layers are
+    all-gathered at a time (the one computing, the one prefetched: codes, adapters and
+    adapter gradients). ``shapes = (hidden, intermediate, layers, kv_fraction)`` overrides the
+    LLaMA shapes looked up from ``n_params`` (for other models; ``n_params`` is then the
+    count of quantized parameters).
 
     Example:
         >>> e = estimate_memory(7e9)
@@ -122,16 +157,28 @@ def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_byte
     bf16 = n_params * 2 / gb
     nf4 = n_params * bits_per_parameter_formula(blocksize, False) / 8 / gb
     nf4_dq = n_params * bits_per_parameter_formula(blocksize, True) / 8 / gb
-    lora = lora_param_count(n_params, r)
+    shp = _shapes(n_params, shapes)
+    lora = lora_param_count(n_params, r, shp)
     lora_w = lora * lora_bytes / gb
     lora_g = lora * lora_bytes / gb
     opt = lora * optimizer_bytes_per_param / gb
-    key = min(_LLAMA_SHAPES, key=lambda k: abs(k - n_params))
-    h, _, layers, _ = _LLAMA_SHAPES[key]
+    h, _, layers, _ = shp
     per_layer_act = seq_len * batch_size * h * 2
     act = (per_layer_act * layers if checkpointing else per_layer_act * layers * 16) / gb
-    total = (nf4_dq + lora_w + lora_g + opt) / ws + act
+    sharded = qstate = unsharded = 0.0
+    if fsdp:
+        sharded = n_params * 0.5 / ws / gb
+        # the scales, plus each quantized linear layer's own code tables (16 + 256 float32)
+        qstate = nf4_dq - n_params * 0.5 / gb + 7 * layers * (16 + 256) * 4 / gb
+        if ws > 1:
+            # one layer's codes and adapters (+ adapter grads), twice (compute + prefetch)
+            unsharded = 2 * (linear_params_per_layer(shp) * 0.5
+                             + 2 * lora / layers * lora_bytes) / gb
+        total = sharded + qstate + (lora_w + lora_g + opt) / ws + unsharded + act
+    else:
+        total = (nf4_dq + lora_w + lora_g + opt) / ws + act
     return MemoryEstimate(n_params=n_params, weights_bf16_gb=bf16, weights_nf4_gb=nf4,
                           weights_nf4_dq_gb=nf4_dq, lora_params=lora, lora_weights_gb=lora_w,
                           lora_grads_gb=lora_g, optimizer_gb=opt, activations_gb=act,
-                          total_gb=total, world_size=ws)
+                          total_gb=total, world_size=ws, weights_sharded_gb=sharded,
+                          quant_state_gb=qstate, unsharded_layers_gb=unsharded)

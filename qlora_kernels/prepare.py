@@ -229,7 +229,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
                   quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                   compute_dtype: Optional[torch.dtype] = torch.bfloat16,
                   dq_code: Union[str, torch.Tensor] = "fp8",
-                  adapter_dtype: Optional[torch.dtype] = None, verbose: bool = True) -> nn.Module:
+                  adapter_dtype: Optional[torch.dtype] = None, verbose: bool = True,
+                  quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Convert ``model`` in place for QLoRA training and return it.
 
     Each targeted ``nn.Linear`` becomes ``QLoRALinear(Linear4bit.from_linear(...))`` (with
@@ -239,7 +240,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     unless ``adapter_dtype`` is given (e.g. ``torch.float32``). The input
     embeddings (when the model has ``get_input_embeddings``) get a hook making their output
     require grad, for gradient checkpointing. Prints one summary line unless
-    ``verbose=False``.
+    ``verbose=False``. ``quant_storage`` (uint8, or bf16/fp16/fp32 views of the same
+    bytes) is the packed weights' dtype, for FSDP (see docs/fsdp.md).
 
     Raises ValueError (listing available names) when ``target_modules`` matches nothing.
 
@@ -261,7 +263,7 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         if quantize and isinstance(layer, nn.Linear):
             base = Linear4bit.from_linear(layer, quant_type=quant_type, blocksize=blocksize,
                                           double_quant=double_quant, compute_dtype=compute_dtype,
-                                          dq_code=dq_code)
+                                          dq_code=dq_code, quant_storage=quant_storage)
         else:
             base = layer
         wrapped = QLoRALinear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,

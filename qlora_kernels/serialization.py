@@ -113,6 +113,33 @@ def _check_dtypes(name: str, state: QuantState, meta: dict) -> None:
         raise ValueError(f"{name}: JSON shape {meta.get('shape')} does not match {list(state.shape)}")
 
 
+def atomic_write(path: str, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``:
+    an interrupted write never leaves a half-written file, and the old file stays intact
+    until the new one is complete. The file gets the usual permissions (0666 less umask).
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.txt")
+        >>> atomic_write(p, lambda tmp: open(tmp, "w").write("hi")); open(p).read()
+        'hi'
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_quantized(module_or_state_dict: Union[nn.Module, Dict[str, object]], path: str) -> None:
     """Write a module's ``state_dict`` (or a dict of tensors and ``(packed, QuantState)``
     pairs) to a safetensors file, atomically: written to a temporary file beside ``path``
@@ -130,17 +157,8 @@ def save_quantized(module_or_state_dict: Union[nn.Module, Dict[str, object]], pa
     flat = flatten_quantized(sd)
     # safetensors needs contiguous CPU tensors that share no storage
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in flat.items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata={"format": "pt", "writer": "qlora_kernels"})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt",
+                                                                  "writer": "qlora_kernels"}))
 
 
 def load_quantized(path: str, device="cpu") -> Dict[str, torch.Tensor]:

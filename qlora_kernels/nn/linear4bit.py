@@ -26,6 +26,62 @@ from ..quant_state import QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _FROZEN = ("weight",) + _STATE_BUFFERS
+# dtypes the packed bytes may be viewed as (``quant_storage``): FSDP shards a parameter
+# group in one dtype, so the 4-bit weight can take the dtype of the parameters beside it.
+QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_storage(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in QUANT_STORAGE_DTYPES:
+        raise ValueError(f"quant_storage must be one of {QUANT_STORAGE_DTYPES}, got {dtype}")
+    return dtype
+
+
+def packed_to_storage(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The packed uint8 bytes ``(nbytes, 1)`` viewed as ``dtype``: shape ``(ceil(nbytes /
+    itemsize), 1)``, the tail padded with zero bytes when ``nbytes`` is not a multiple.
+    No copy when no padding is needed.
+
+    Example:
+        >>> import torch
+        >>> packed_to_storage(torch.arange(5, dtype=torch.uint8).view(5, 1), torch.bfloat16).shape
+        torch.Size([3, 1])
+    """
+    _check_storage(dtype)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed weight: expected uint8, got {packed.dtype}")
+    if dtype == torch.uint8:
+        return packed
+    flat = packed.reshape(-1)
+    pad = (-flat.numel()) % dtype.itemsize
+    if pad or flat.storage_offset() % dtype.itemsize:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(dtype).view(-1, 1)
+
+
+def storage_to_packed(weight: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """Inverse of ``packed_to_storage``: the first ``nbytes`` bytes of ``weight`` as the uint8
+    ``(nbytes, 1)`` tensor of the bitsandbytes layout (a view, no copy).
+
+    Example:
+        >>> import torch
+        >>> w = packed_to_storage(torch.arange(5, dtype=torch.uint8).view(5, 1), torch.float32)
+        >>> storage_to_packed(w, 5).flatten().tolist()
+        [0, 1, 2, 3, 4]
+    """
+    if weight.dtype == torch.uint8:
+        return weight if weight.shape == (nbytes, 1) else weight.reshape(-1)[:nbytes].view(nbytes, 1)
+    flat = weight.reshape(-1).view(torch.uint8)
+    if not nbytes <= flat.numel() < nbytes + weight.element_size():
+        raise ValueError(f"packed weight: {weight.numel()} {weight.dtype} values hold "
+                         f"{flat.numel()} bytes, expected {nbytes} (+ padding below one value)")
+    return flat[:nbytes].view(nbytes, 1)
+
+
+def is_dtensor(t) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2-sharded parameter), without
+    importing torch.distributed."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
 
 
 class Linear4bit(nn.Module):
@@ -41,14 +97,17 @@ class Linear4bit(nn.Module):
         (torch.uint8, False)
     """
 
+    quant_storage = torch.uint8  # instance attribute once set; see set_quant_storage
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  compute_dtype: Optional[torch.dtype] = None, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = True,
                  dq_code: Union[str, torch.Tensor] = "fp8", device=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.compute_dtype = compute_dtype
+        self.quant_storage = _check_storage(quant_storage)
         # Initialise like nn.Linear, then quantize.
         w = torch.empty(out_features, in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
@@ -64,8 +123,10 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
                     double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
-                    dq_code: Union[str, torch.Tensor] = "fp8") -> "Linear4bit":
+                    dq_code: Union[str, torch.Tensor] = "fp8",
+                    quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
         """Quantize an ``nn.Linear`` (its weight dtype is kept as the state's dtype).
+        ``quant_storage``: the dtype the packed bytes are stored as (see ``set_quant_storage``).
 
         Example:
             >>> import torch, qlora_kernels as qk
@@ -78,6 +139,7 @@ class Linear4bit(nn.Module):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype
+        self.quant_storage = _check_storage(quant_storage)
         w = linear.weight.detach()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=linear.bias.requires_grad)
@@ -90,7 +152,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"weight state has shape {list(state.shape)}, the layer is "
                              f"({self.out_features}, {self.in_features})")
         state.validate(packed)
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight = nn.Parameter(packed_to_storage(packed, self.quant_storage), requires_grad=False)
         self.register_buffer("absmax", state.absmax, persistent=False)
         self.register_buffer("quant_map", state.code, persistent=False)
         s2 = state.state2
@@ -98,6 +160,41 @@ class Linear4bit(nn.Module):
         self.register_buffer("nested_quant_map", None if s2 is None else s2.code, persistent=False)
         self.offset = float(state.offset) if state.offset is not None else 0.0
         self.blocksize, self.quant_type, self.weight_dtype = state.blocksize, state.quant_type, state.dtype
+
+    @property
+    def packed_nbytes(self) -> int:
+        return (self.out_features * self.in_features + 1) // 2
+
+    @property
+    def packed_weight(self) -> torch.Tensor:
+        """The packed codes as uint8 ``(nbytes, 1)`` whatever ``quant_storage`` is (a view)."""
+        w = self.weight
+        if w.dtype != self.quant_storage:
+            # FSDP's MixedPrecisionPolicy(param_dtype=...) casts floating-point parameters by
+            # value before the all-gather, which destroys packed bytes stored as another float.
+            raise RuntimeError(
+                f"Linear4bit: the packed weight arrived as {w.dtype} but quant_storage is "
+                f"{self.quant_storage}; something cast it by value (FSDP mixed precision "
+                f"with param_dtype={w.dtype}?). Use quant_storage=torch.uint8 or "
+                f"quant_storage equal to param_dtype (qlora_kernels.distributed.set_quant_storage)")
+        return storage_to_packed(w, self.packed_nbytes)
+
+    def set_quant_storage(self, dtype: torch.dtype) -> "Linear4bit":
+        """Store the packed bytes as ``dtype`` (uint8, bfloat16, float16 or float32): the same
+        bytes, viewed as ``(ceil(nbytes / itemsize), 1)`` elements of that dtype, so FSDP
+        shards and all-gathers the 4-bit weight in the dtype of the parameters beside it.
+        Forward, ``state_dict`` and saving always use the uint8 bitsandbytes layout.
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> lin = qk.Linear4bit(64, 32).set_quant_storage(torch.bfloat16)
+            >>> lin.weight.dtype, tuple(lin.weight.shape), tuple(lin.packed_weight.shape)
+            (torch.bfloat16, (512, 1), (1024, 1))
+        """
+        packed = self.packed_weight
+        self.quant_storage = _check_storage(dtype)
+        self.weight = nn.Parameter(packed_to_storage(packed, dtype), requires_grad=False)
+        return self
 
     @property
     def double_quant(self) -> bool:
@@ -123,7 +220,7 @@ class Linear4bit(nn.Module):
             >>> qk.Linear4bit(64, 32).dequantize().shape
             torch.Size([32, 64])
         """
-        return dequantize_4bit(self.weight, self.quant_state, out_dtype=dtype)
+        return dequantize_4bit(self.packed_weight, self.quant_state, out_dtype=dtype)
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +232,7 @@ class Linear4bit(nn.Module):
         cdt = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(cdt)
         y = torch.ops.qlora_kernels.matmul_4bit(
-            x.to(cdt), self.weight, self.absmax, self.quant_map, self.blocksize,
+            x.to(cdt), self.packed_weight, self.absmax, self.quant_map, self.blocksize,
             self.out_features, self.nested_absmax, self.nested_quant_map, self.offset, bias)
         return y.to(x.dtype)
 
@@ -143,7 +240,8 @@ class Linear4bit(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, quant_type={self.quant_type}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"compute_dtype={self.compute_dtype}")
+                f"compute_dtype={self.compute_dtype}"
+                + ("" if self.quant_storage == torch.uint8 else f", quant_storage={self.quant_storage}"))
 
     # ------------------------------------------------------------------ device moves
     def _apply(self, fn, recurse=True):
@@ -170,8 +268,12 @@ class Linear4bit(nn.Module):
 
     # ------------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        w = self.weight if keep_vars else self.weight.detach()
-        destination[prefix + "weight"] = w
+        w = self.weight
+        if w.dtype != torch.uint8 and not is_dtensor(w):
+            w = self.packed_weight  # the uint8 bitsandbytes layout whatever quant_storage is
+        # (a sharded FSDP2 weight stays a DTensor in its storage dtype; distributed.py's
+        # full_state_dict gathers it and converts it to uint8)
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
         for key, t in self.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + key] = t if keep_vars else t.detach()
         if self.bias is not None:
@@ -189,7 +291,11 @@ class Linear4bit(nn.Module):
         else:
             try:
                 state = QuantState.from_dict(parts, device=self.weight.device)
-                packed = state_dict[wkey].to(self.weight.device)
+                # uint8 (bitsandbytes layout) or the storage dtype of a quant_storage weight
+                packed = state_dict[wkey]
+                if packed.dtype != torch.uint8:
+                    packed = storage_to_packed(packed, (state.numel + 1) // 2)
+                packed = packed.to(self.weight.device)
                 if tuple(state.shape) != (self.out_features, self.in_features):
                     raise ValueError(f"shape {list(state.shape)} does not match the layer "
                                      f"({self.out_features}, {self.in_features})")
