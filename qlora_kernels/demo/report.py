@@ -10,16 +10,9 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from typing import List, Optional
 
-from ..adapters import _atomic_write
-
-
-def _atomic(path: str, write) -> None:
-    # The same temporary-file-and-rename as the adapter files (qk.save_adapter).
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(os.path.abspath(path), write)
+from ..serialization import atomic_write
 
 
 def write_json(obj, path: str) -> None:
@@ -32,7 +25,7 @@ def write_json(obj, path: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-    _atomic(path, w)
+    atomic_write(path, w)
 
 
 def memory_table(rows: List[dict]) -> str:
@@ -94,7 +87,7 @@ def plot_losses(losses: List[float], path: str, heldout: Optional[tuple] = None,
     ax.legend()
     fig.tight_layout()
     try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
     return True
