@@ -36,13 +36,16 @@ def ceilings(device: str, quick: bool) -> dict:
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), device, reps=5 if quick else 15)
     out = {"copy_bytes": n, "copy_GBps": 2 * n / t / 1e9}
-    size = 512 if quick else (4096 if torch.device(device).type == "cuda" else 2048)
+    on_gpu = torch.device(device).type == "cuda"
     for dtype in (torch.float32, torch.bfloat16):
+        # CPUs without native bf16 run bf16 GEMMs hundreds of times slower: smaller there
+        size = 512 if quick else (4096 if on_gpu else (2048 if dtype == torch.float32 else 512))
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
         t = median_time(lambda: a @ b, device, reps=3 if quick else 7)
-        out[f"matmul_{str(dtype).split('.')[-1]}_TFLOPs"] = 2 * size**3 / t / 1e12
-    out["matmul_size"] = size
+        name = str(dtype).split('.')[-1]
+        out[f"matmul_{name}_TFLOPs"] = 2 * size**3 / t / 1e12
+        out[f"matmul_{name}_size"] = size
     return out
 
 
