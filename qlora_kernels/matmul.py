@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from . import ops  # noqa: F401
 from .quant_state import QuantState
 
-# Largest number of rows of x that takes the GEMV path, per device type (measured; see
-# benchmarks/README.md).
-GEMV_MAX_ROWS = {"cpu": 4, "cuda": 4}
+# Largest number of rows of x that takes the GEMV path, per device type. CPU: measured by
+# benchmarks/bench_matmul.py (2026-11-22, 2-core AVX2): GEMV wins up to 8 rows on the
+# 4096x4096, 11008x4096 and 4096x11008 shapes, GEMM from 16. CUDA: not yet measured (no GPU
+# was available); 4 is a placeholder until bench_matmul.py runs on one.
+GEMV_MAX_ROWS = {"cpu": 8, "cuda": 4}
 _ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
 
 
@@ -53,7 +55,7 @@ def set_gemv_max_rows(rows: int, device_type: str = "cpu") -> None:
 
 def gemv_max_rows(device_type: str) -> int:
     env = os.environ.get(_ENV)
-    return int(env) if env else GEMV_MAX_ROWS.get(device_type, 4)
+    return int(env) if env else GEMV_MAX_ROWS.get(device_type, 8)
 
 
 # Elements of W dequantized per CPU GEMM tile (float32: 4 MB).
