@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "adamw_kernels.cuh"
+#include "qk_device.cuh"  // to_f32 / from_f32
 #include "qk_format.h"
 
 namespace qk_cuda {
@@ -14,16 +15,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxGrid = 65535 * 8;  // grid-stride beyond this
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // adamw32_kernel: one AdamW step on n elements, float32 state.
 // Launch: block 256 threads, grid min(ceil(n / 256), 524280), grid-stride loop; one thread
@@ -33,9 +24,9 @@ __global__ void adamw32_kernel(T* __restrict__ p, const T* __restrict__ g, float
                                float* __restrict__ v, int64_t n, qk::AdamWScalars s) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    float pf = to_f(p[i]), mf = m[i], vf = v[i];
-    qk::adamw_update(pf, to_f(g[i]), mf, vf, s);
-    p[i] = from_f<T>(pf);
+    float pf = to_f32(p[i]), mf = m[i], vf = v[i];
+    qk::adamw_update(pf, to_f32(g[i]), mf, vf, s);
+    p[i] = from_f32<T>(pf);
     m[i] = mf;
     v[i] = vf;
   }
@@ -65,11 +56,11 @@ __global__ void adamw8bit_kernel(T* __restrict__ p, const T* __restrict__ g,
   __syncthreads();
   float mf = 0.0f, vf = 0.0f;
   if (valid) {
-    float pf = to_f(p[i]);
+    float pf = to_f32(p[i]);
     mf = cm[qm[i]] * am_old;
     vf = cv[qv[i]] * av_old;
-    qk::adamw_update(pf, to_f(g[i]), mf, vf, s);
-    p[i] = from_f<T>(pf);
+    qk::adamw_update(pf, to_f32(g[i]), mf, vf, s);
+    p[i] = from_f32<T>(pf);
   }
   // fmaxf drops NaN, so NaN is tracked separately below.
   float am = fabsf(mf), av = fabsf(vf);
