@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
-from benchmarks.timing import device_info  # noqa: E402
+from benchmarks.timing import device_info, median_time  # noqa: E402
 
 
 def _memory_events(prof):
@@ -103,6 +103,15 @@ def measure(layer, x):
             "peak_fwd_bwd": peak_all}
 
 
+def fwd_bwd_ms(layer, x, reps: int = 3) -> float:
+    """Median ms of one forward + backward (grad of x, A and B) through ``layer``."""
+    def step():
+        layer(x).float().sum().backward()
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    return median_time(step, "cpu", warmup=1, reps=reps) * 1e3
+
+
 def build(kind: str, dim: int, r: int):
     torch.manual_seed(0)
     lin = torch.nn.Linear(dim, dim, bias=False, dtype=torch.bfloat16)
@@ -131,6 +140,7 @@ def main(argv=None):
         measure(layer, torch.randn(8, args.dim, dtype=torch.bfloat16, requires_grad=True))
         x = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16, requires_grad=True)
         rows[kind] = measure(layer, x)
+        rows[kind]["fwd_bwd_ms"] = fwd_bwd_ms(layer, x)
         print(f"# {kind} done", flush=True)
         del layer
     info = device_info("cpu")
@@ -138,9 +148,10 @@ def main(argv=None):
     print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}")
     print(f"# QLoRALinear {args.dim}x{args.dim}, r={args.r}, {args.tokens} tokens, bf16 input; MiB")
     keys = ["weights", "saved_for_backward", "held_between", "peak_fwd", "peak_fwd_bwd"]
-    print(f"{'layer':>8} " + " ".join(f"{k:>18}" for k in keys))
+    print(f"{'layer':>8} " + " ".join(f"{k:>18}" for k in keys) + f" {'fwd+bwd ms':>11}")
     for kind, row in rows.items():
-        print(f"{kind:>8} " + " ".join(f"{row[k] / mib:>18.2f}" for k in keys))
+        print(f"{kind:>8} " + " ".join(f"{row[k] / mib:>18.2f}" for k in keys)
+              + f" {row['fwd_bwd_ms']:>11.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "dim": args.dim, "r": args.r, "tokens": args.tokens,

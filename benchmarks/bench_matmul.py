@@ -1,9 +1,11 @@
 """4-bit matmul speed: GEMV and GEMM paths against dense F.linear, and the GEMV/GEMM switch.
 
 For each weight shape and number of rows of x: matmul_4bit (NF4 + double quant) forced to
-the GEMV path and to the GEMM path, against dense ``F.linear`` with a bf16 and a float32
-weight, all measured in the same run (median after warm-up). The smallest row count at
-which the GEMM path wins is the measured threshold for ``qlora_kernels.matmul``.
+the GEMV path and to the GEMM path, against dense ``F.linear`` with a bf16, fp16 and float32
+weight, all measured in the same run (median after warm-up). Weights are rotated among
+copies that together exceed the caches, so each call streams its weight from memory; rows
+>= 512 use fewer repetitions. The smallest row count at which the GEMM path wins is the
+measured threshold for ``qlora_kernels.matmul``.
 
 Usage: python benchmarks/bench_matmul.py [--json out.json] [--quick]
 """
@@ -23,27 +25,46 @@ from qlora_kernels import matmul as mm  # noqa: E402
 from benchmarks.timing import device_info, median_time  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-ROWS = [1, 2, 4, 8, 16, 32, 512]
+ROWS = [1, 2, 4, 8, 16, 32, 512, 2048]
+ROTATE_BYTES = 64 << 20  # weights smaller than this are rotated among copies (cold cache)
+
+
+class Rotation:
+    """Cycle through enough copies of a weight that together exceed the caches, so every
+    call streams its weight from memory like a model's layers do."""
+
+    def __init__(self, make, nbytes: int):
+        self.items = [make() for _ in range(max(1, min(8, -(-ROTATE_BYTES // max(nbytes, 1)))))]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
 
 
 def bench(device, shapes, rows, reps):
     out = []
     for n, k in shapes:
         w = torch.randn(n, k, device=device) * 0.02
-        packed, state = qk.quantize_4bit(w, double_quant=True)
-        w_bf16, w_f32 = w.to(torch.bfloat16), w
+        quant = Rotation(lambda: qk.quantize_4bit(w, double_quant=True), n * k // 2)
+        dense = {dt: Rotation(lambda dt=dt: w.to(dt), n * k * torch.finfo(dt).bits // 8)
+                 for dt in (torch.bfloat16, torch.float16, torch.float32)}
         for m in rows:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            x32 = x.float()
             r = {"shape": [n, k], "rows": m}
-            r["dense_bf16_ms"] = median_time(lambda: F.linear(x, w_bf16), device, reps=reps) * 1e3
-            r["dense_f32_ms"] = median_time(lambda: F.linear(x32, w_f32), device, reps=reps) * 1e3
+            # big dense bf16/fp16 GEMMs crawl on CPUs without native support: fewer reps
+            rr = max(2, reps // 4) if m >= 512 else reps
+            for dt, rot in dense.items():
+                xd = x.to(dt)
+                name = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}[dt]
+                r[f"dense_{name}_ms"] = median_time(lambda: F.linear(xd, rot.next()), device,
+                                                    warmup=1, reps=rr) * 1e3
             for path, limit in (("gemv", 10**9), ("gemm", 0)):
                 if path == "gemv" and m > 64:
                     continue
                 mm.set_gemv_max_rows(limit, torch.device(device).type)
-                r[f"{path}_ms"] = median_time(lambda: qk.matmul_4bit(x, packed, state), device,
-                                              reps=reps) * 1e3
+                r[f"{path}_ms"] = median_time(lambda: qk.matmul_4bit(x, *quant.next()), device,
+                                              warmup=1, reps=rr) * 1e3
             out.append(r)
     return out
 
@@ -65,12 +86,13 @@ def main(argv=None):
         mm.GEMV_MAX_ROWS.update(saved)
     info = device_info(args.device)
     print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}")
-    print(f"{'N x K':>12} {'rows':>5} {'gemv ms':>8} {'gemm ms':>8} {'bf16 ms':>8} {'f32 ms':>8} "
-          f"{'bf16/best':>9} {'best/f32':>8}")
+    print(f"{'N x K':>12} {'rows':>5} {'gemv ms':>8} {'gemm ms':>8} {'bf16 ms':>8} {'f16 ms':>8} "
+          f"{'f32 ms':>8} {'bf16/best':>9} {'best/f32':>8}")
     for r in rows_out:
         best = min(v for key, v in r.items() if key in ("gemv_ms", "gemm_ms"))
         print(f"{'x'.join(map(str, r['shape'])):>12} {r['rows']:>5} {r.get('gemv_ms', float('nan')):>8.2f} "
-              f"{r['gemm_ms']:>8.2f} {r['dense_bf16_ms']:>8.2f} {r['dense_f32_ms']:>8.2f} "
+              f"{r['gemm_ms']:>8.2f} {r['dense_bf16_ms']:>8.2f} {r['dense_f16_ms']:>8.2f} "
+              f"{r['dense_f32_ms']:>8.2f} "
               f"{r['dense_bf16_ms'] / best:>9.2f} {best / r['dense_f32_ms']:>8.2f}")
     for shape in shapes:
         wins = [r["rows"] for r in rows_out if r["shape"] == list(shape) and "gemv_ms" in r
