@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import (bench_dq_codes, bench_lora, bench_matmul, bench_optim,  # noqa: E402
                         bench_quantize, bench_train_step)
 from benchmarks.plots import plot_all  # noqa: E402
-from benchmarks.timing import device_info, median_time  # noqa: E402
+from benchmarks.timing import copy_time, device_info, median_time  # noqa: E402
 
 SECTIONS = ("ceilings", "quantize", "matmul", "dq_codes", "lora", "optim", "train_step")
 
@@ -31,10 +31,8 @@ SECTIONS = ("ceilings", "quantize", "matmul", "dq_codes", "lora", "optim", "trai
 def ceilings(device: str, quick: bool) -> dict:
     """Measured ceilings: copy bandwidth (bytes read + written per second) and dense matmul
     throughput in float32 and bf16."""
-    n = (1 << 22) if quick else (1 << 28)  # bytes copied
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), device, reps=5 if quick else 15)
+    n = (1 << 22) if quick else (1 << 28)  # bytes copied (read n, write n)
+    t = copy_time(2 * n, device, reps=5 if quick else 15)
     out = {"copy_bytes": n, "copy_GBps": 2 * n / t / 1e9}
     on_gpu = torch.device(device).type == "cuda"
     for dtype in (torch.float32, torch.bfloat16):
