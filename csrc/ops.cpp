@@ -57,10 +57,11 @@ TORCH_LIBRARY(qlora_kernels, m) {
   m.def("quantize_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
   m.def("dequantize_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
         "-> Tensor");
-  // y[M, N] = x[M, K] @ W^T with W [N, K] packed 4-bit; accumulates in float32, returns x.dtype
+  // y[M, N] = x[M, K] @ W^T (+ bias) with W [N, K] packed 4-bit; accumulates in float32
+  // (bias included), returns x.dtype
   m.def("gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
         "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0) -> Tensor");
+        "float offset=0.0, Tensor? bias=None) -> Tensor");
   // x[..., K] @ W^T (+ bias) -> [..., N], differentiable w.r.t. x and bias (autograd in
   // qlora_kernels/matmul.py, which also implements it: GEMV or GEMM path chosen by shape)
   m.def("matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "

@@ -42,7 +42,7 @@ SCHEMAS = {
     "gemv_4bit": (
         "gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
         "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0) -> Tensor"
+        "float offset=0.0, Tensor? bias=None) -> Tensor"
     ),
     # implemented in Python by qlora_kernels/matmul.py, whatever the build
     "matmul_4bit": (
@@ -151,7 +151,7 @@ def _dequantize_4bit_out_fake(packed, absmax, code, blocksize, nested_absmax, ne
 
 @torch.library.register_fake("qlora_kernels::gemv_4bit")
 def _gemv_4bit_fake(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
-                    nested_code=None, offset=0.0):
+                    nested_code=None, offset=0.0, bias=None):
     return x.new_empty((x.shape[0], out_features))
 
 

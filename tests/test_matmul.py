@@ -133,9 +133,12 @@ def test_opcheck(rng):
         args = (x, packed, state.absmax, state.code, 64, 32, s2.absmax, s2.code,
                 float(state.offset), torch.randn(32, generator=rng, requires_grad=True))
         torch.library.opcheck(torch.ops.qlora_kernels.matmul_4bit.default, args)
-    torch.library.opcheck(torch.ops.qlora_kernels.gemv_4bit.default,
-                          (torch.randn(2, 64), packed, state.absmax, state.code, 64, 32,
-                           s2.absmax, s2.code, float(state.offset)))
+    for dtype in (torch.float32, torch.bfloat16):
+        for bias in (None, torch.randn(32, generator=rng)):
+            torch.library.opcheck(torch.ops.qlora_kernels.gemv_4bit.default,
+                                  (torch.randn(2, 64, generator=rng).to(dtype), packed, state.absmax,
+                                   state.code, 64, 32, s2.absmax, s2.code, float(state.offset),
+                                   bias))
     torch.library.opcheck(torch.ops.qlora_kernels.matmul_4bit_backward.default,
                           (torch.randn(5, 32), packed, state.absmax, state.code, 64, 64,
                            s2.absmax, s2.code, float(state.offset)))
@@ -175,3 +178,82 @@ def test_cpu_gemm_tiles_cover_every_row(shape, double_quant, rng, monkeypatch):
     y.backward(g)
     w = qk.dequantize_4bit(packed, state, out_dtype=torch.float32)
     _close(x.grad, g @ w, torch.float32)
+
+
+# ---------------------------------------------------- the CPU GEMV's bf16 fixed-point path
+def _gemv_args(packed, state, n):
+    s2 = state.state2
+    return (packed, state.absmax, state.code, state.blocksize, n,
+            None if s2 is None else s2.absmax, None if s2 is None else s2.code,
+            float(state.offset or 0.0))
+
+
+def _heavy_tailed(m, k, rng):
+    """Activations with outliers: most groups of 64 span several binades."""
+    return torch.randn(m, k, generator=rng) * torch.rand(m, k, generator=rng) ** 4 * 30
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_gemv_bf16_path_matches_float32_reference(quant_type, blocksize, double_quant, rng):
+    # bf16 x with K a multiple of a blocksize >= 64 takes the block fixed-point kernel (int16
+    # codes and x, exact pair sums); blocksize 32 falls back to the exact float kernel. Both
+    # must stay within the bf16 output rounding of the float32 reference, with a bias.
+    n, k = 37, 4 * 256
+    w = torch.randn(n, k, generator=rng)
+    packed, state = qk.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                     double_quant=double_quant)
+    args = _gemv_args(packed, state, n)
+    for m in (1, 2, 3, 4, 7, 8):  # row tiles of 4, 2 and 1
+        x = _heavy_tailed(m, k, rng).bfloat16()
+        b = torch.randn(n, generator=rng)
+        got = torch.ops.qlora_kernels.gemv_4bit(x, *args, b)
+        want = ref.gemv_4bit(x.float(), *args, b.float())
+        assert got.dtype == torch.bfloat16
+        # per element: one bf16 rounding of the output (2^-9) plus a small absolute part
+        bound = want.abs() * 2.0 ** -8 + want.abs().max() * 1e-3
+        assert ((got.float() - want).abs() <= bound).all(), (got.float() - want).abs().max()
+
+
+def test_gemv_bf16_path_propagates_nan_inf_and_handles_tiny_x(rng):
+    packed, state = _weight(16, 256, rng)
+    args = _gemv_args(packed, state, 16)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(3, 256, generator=rng).bfloat16()
+        x[1, 77] = bad
+        got = torch.ops.qlora_kernels.gemv_4bit(x, *args)
+        want = ref.gemv_4bit(x.float(), *args)
+        assert torch.equal(got[1].float().isnan(), want[1].isnan())
+        assert torch.equal(got[1].float().isinf(), want[1].isinf())
+        _close(got[[0, 2]], want[[0, 2]], torch.bfloat16)
+    # so small that a power-of-two int16 scale would underflow: the float kernel takes over
+    x = (torch.randn(2, 256, generator=rng) * 1e-35).bfloat16()
+    got = torch.ops.qlora_kernels.gemv_4bit(x, *args).float()
+    want = ref.gemv_4bit(x.float(), *args)
+    assert ((got - want).abs() <= want.abs() * 2.0 ** -8 + want.abs().max() * 1e-3).all()
+
+
+def test_gemv_bias_is_added_before_the_one_rounding(rng):
+    # a large bias next to a small product: adding it after rounding to fp16 would lose bits
+    packed, state = _weight(8, 128, rng)
+    args = _gemv_args(packed, state, 8)
+    x = torch.randn(2, 128, generator=rng).half()
+    b = torch.full((8,), 1000.0) + torch.rand(8, generator=rng)
+    got = torch.ops.qlora_kernels.gemv_4bit(x, *args, b)
+    want = ref.gemv_4bit(x, *args, b)  # float32 sum with the bias, then one rounding
+    assert (got.float() - want.float()).abs().max() <= 0.5  # fp16 ulp at 1000 is 0.5
+
+
+def test_no_grad_fast_path_equals_the_op(rng):
+    # Without autograd, matmul_4bit calls the implementation directly; same numbers.
+    packed, state = _weight(24, 128, rng)
+    s2 = state.state2
+    b = torch.randn(24, generator=rng)
+    for m in (1, 5, 40):
+        x = torch.randn(m, 128, generator=rng).bfloat16()
+        with torch.no_grad():
+            fast = qk.matmul_4bit(x, packed, state, b)
+        op = torch.ops.qlora_kernels.matmul_4bit(x, packed, state.absmax, state.code, 64, 24,
+                                                 s2.absmax, s2.code, float(state.offset), b)
+        assert torch.equal(fast, op)

@@ -53,16 +53,18 @@ struct GemvArgs {
   NestedAbsmax nq;
   const float* code;  // [16]
   int log2_bs;
-  T* y;  // [M, N]
+  const float* bias;  // [N] or null
+  T* y;               // [M, N]
 };
 
 template <typename T, int MT>
 __device__ __forceinline__ void write_outputs(float (&acc)[MT], int64_t m0, int mc, int64_t N,
-                                              int64_t n, T* y) {
+                                              int64_t n, const float* bias, T* y) {
+  const float b = bias != nullptr ? bias[n] : 0.0f;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     const float s = warp_sum(acc[m]);
-    if (threadIdx.x % 32 == 0 && m < mc) y[(m0 + m) * N + n] = from_f32<T>(s);
+    if (threadIdx.x % 32 == 0 && m < mc) y[(m0 + m) * N + n] = from_f32<T>(__fadd_rn(s, b));
   }
 }
 
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_fast_kernel(const GemvArgs
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = __fmaf_rn(part[m], scale, acc[m]);
   }
-  write_outputs<T, MT>(acc, m0, mc, a.N, n, a.y);
+  write_outputs<T, MT>(acc, m0, mc, a.N, n, a.bias, a.y);
 }
 
 template <typename T, int MT>
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_general_kernel(const GemvA
     for (int m = 0; m < MT; ++m)
       if (m < mc) acc[m] = __fmaf_rn(w, load_f32(a.x + (m0 + m) * K + k), acc[m]);
   }
-  write_outputs<T, MT>(acc, m0, mc, a.N, n, a.y);
+  write_outputs<T, MT>(acc, m0, mc, a.N, n, a.bias, a.y);
 }
 
 template <typename F>
@@ -178,7 +180,8 @@ inline int64_t max_dynamic_smem() {
 
 cudaError_t gemv_4bit(const void* x, DType dtype, int64_t M, int64_t K, int64_t N,
                       const uint8_t* packed, const float* absmax, NestedAbsmax nested,
-                      const float* code, int blocksize, void* y, cudaStream_t stream) {
+                      const float* code, int blocksize, const float* bias, void* y,
+                      cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (!qk::is_supported_blocksize(blocksize) || K < 0) return cudaErrorInvalidValue;
   int mt = 1;
@@ -199,7 +202,7 @@ cudaError_t gemv_4bit(const void* x, DType dtype, int64_t M, int64_t K, int64_t 
     return dispatch_mtile(mt, [&](auto mt_tag) {
       constexpr int MT = decltype(mt_tag)::value;
       const GemvArgs<T> args{static_cast<const T*>(x), M, K, N, packed, absmax,
-                             nested, code, log2_bs, static_cast<T*>(y)};
+                             nested, code, log2_bs, bias, static_cast<T*>(y)};
       if (fast) {
         auto kernel = gemv_4bit_fast_kernel<T, MT>;
         if (smem > kDefaultSmem) {

@@ -42,10 +42,12 @@ cudaError_t quantize_8bit(const void* x, DType dtype, int64_t n, int64_t blocksi
 cudaError_t dequantize_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                             int64_t blocksize, DType out_dtype, void* out, cudaStream_t stream);
 
-// y[M, N] = x[M, K] @ W^T, W [N, K] 4-bit packed row-major (flat index n * K + k), x and y of
-// `dtype`, contiguous. absmax float32 [ceil(N * K / blocksize)] or null with `nested`.
+// y[M, N] = x[M, K] @ W^T (+ bias), W [N, K] 4-bit packed row-major (flat index n * K + k),
+// x and y of `dtype`, contiguous. absmax float32 [ceil(N * K / blocksize)] or null with
+// `nested`; bias float32 [N] or null, added in float32 before the rounding to `dtype`.
 cudaError_t gemv_4bit(const void* x, DType dtype, int64_t M, int64_t K, int64_t N,
                       const uint8_t* packed, const float* absmax, NestedAbsmax nested,
-                      const float* code, int blocksize, void* y, cudaStream_t stream);
+                      const float* code, int blocksize, const float* bias, void* y,
+                      cudaStream_t stream);
 
 }  // namespace qk_cuda

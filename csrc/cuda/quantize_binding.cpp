@@ -189,7 +189,8 @@ at::Tensor dequantize_8bit_cuda(const at::Tensor& q, const at::Tensor& absmax,
 at::Tensor gemv_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const at::Tensor& code, int64_t blocksize, int64_t out_features,
                           const std::optional<at::Tensor>& nested_absmax,
-                          const std::optional<at::Tensor>& nested_code, double offset) {
+                          const std::optional<at::Tensor>& nested_code, double offset,
+                          const std::optional<at::Tensor>& bias) {
   const char* op = "gemv_4bit";
   check_float_input(x, op);
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
@@ -206,12 +207,21 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const AbsmaxArgs a = absmax_args(x, absmax, (N * K + blocksize - 1) / blocksize, nested_absmax,
                                    nested_code, offset, op);
+  at::Tensor bf;
+  if (bias.has_value()) {
+    check_device(*bias, x, op, "bias");
+    TORCH_CHECK(bias->is_floating_point() && bias->dim() == 1 && bias->numel() == N, op,
+                ": bias must be a 1-D float tensor of out_features = ", N, " values, got shape ",
+                bias->sizes(), " ", bias->scalar_type());
+    bf = bias->to(at::kFloat).contiguous();
+  }
   const at::Tensor xc = x.contiguous(), p = packed.contiguous(), c = code.contiguous();
   at::Tensor y = at::empty({M, N}, xc.options());
   C10_CUDA_CHECK(qk_cuda::gemv_4bit(xc.data_ptr(), kernel_dtype(xc.scalar_type(), op, "x"), M, K,
                                     N, p.data_ptr<uint8_t>(), a.absmax, a.nested,
-                                    c.data_ptr<float>(), (int)blocksize, y.data_ptr(),
-                                    current_stream()));
+                                    c.data_ptr<float>(), (int)blocksize,
+                                    bias.has_value() ? bf.data_ptr<float>() : nullptr,
+                                    y.data_ptr(), current_stream()));
   return y;
 }
 

@@ -34,6 +34,6 @@ def dequantize_8bit(q, absmax, code, blocksize, dtype):
 
 
 def gemv_4bit(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
-              nested_code=None, offset=0.0):
+              nested_code=None, offset=0.0, bias=None):
     return torch.ops.qlora_kernels.gemv_4bit(x, packed, absmax, code, blocksize, out_features,
-                                             nested_absmax, nested_code, float(offset))
+                                             nested_absmax, nested_code, float(offset), bias)

@@ -122,9 +122,10 @@ def dequantize_8bit(q, absmax, code, blocksize: int, dtype: torch.dtype):
 
 
 def gemv_4bit(x, packed, absmax, code, blocksize: int, out_features: int,
-              nested_absmax=None, nested_code=None, offset: float = 0.0):
-    """y[M, N] = x[M, K] @ W^T in float32, returned in x's dtype."""
+              nested_absmax=None, nested_code=None, offset: float = 0.0, bias=None):
+    """y[M, N] = x[M, K] @ W^T (+ bias) in float32, returned in x's dtype."""
     k = x.shape[-1]
     w = dequantize_4bit(packed, absmax, code, blocksize, out_features * k, torch.float32,
                         nested_absmax, nested_code, offset).view(out_features, k)
-    return (x.float() @ w.T).to(x.dtype)
+    y = x.float() @ w.T
+    return (y if bias is None else y + bias.float()).to(x.dtype)
