@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import (bench_dq_codes, bench_lora, bench_matmul, bench_optim,  # noqa: E402
                         bench_quantize, bench_train_step)
 from benchmarks.plots import plot_all  # noqa: E402
-from benchmarks.timing import copy_time, device_info, median_time  # noqa: E402
+from benchmarks.timing import copy_time, device_info, median_time, optional_bitsandbytes  # noqa: E402
 
 SECTIONS = ("ceilings", "quantize", "matmul", "dq_codes", "lora", "optim", "train_step")
 
@@ -80,6 +80,9 @@ def main(argv=None) -> dict:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     os.makedirs(args.out, exist_ok=True)
     info = device_info(args.device)
+    bnb = optional_bitsandbytes()  # optional comparison rows in quantize and matmul
+    if bnb is not None:
+        info["bitsandbytes"] = bnb.__version__
     name = slug(info["device"]) + ("-quick" if args.quick else "")
     results = {"info": info, "quick": args.quick, "sections": {}}
     for section in sections:

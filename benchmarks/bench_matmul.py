@@ -5,7 +5,9 @@ the GEMV path and to the GEMM path, against dense ``F.linear`` with a bf16, fp16
 weight, all measured in the same run (median after warm-up). Weights are rotated among
 copies that together exceed the caches, so each call streams its weight from memory; rows
 >= 512 use fewer repetitions. The smallest row count at which the GEMM path wins is the
-measured threshold for ``qlora_kernels.matmul``.
+measured threshold for ``qlora_kernels.matmul``. When bitsandbytes happens to be installed
+(never a dependency), a ``bnb_ms`` column times ``bitsandbytes.matmul_4bit`` on the same x
+with NF4 + double quantization (compress_statistics), its weights rotated like ours.
 
 Usage: python benchmarks/bench_matmul.py [--json out.json] [--quick]
 """
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
 from qlora_kernels import matmul as mm  # noqa: E402
-from benchmarks.timing import device_info, median_time  # noqa: E402
+from benchmarks.timing import device_info, median_time, optional_bitsandbytes  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 ROWS = [1, 2, 4, 8, 16, 32, 512, 2048]
@@ -42,11 +44,17 @@ class Rotation:
         return self.items[self.i]
 
 
-def bench(device, shapes, rows, reps):
+def bench(device, shapes, rows, reps, bnb=None):
+    """One result dict per (shape, rows); ``bnb``: the bitsandbytes module for the optional
+    ``bnb_ms`` column (None: no column)."""
     out = []
     for n, k in shapes:
         w = torch.randn(n, k, device=device) * 0.02
         quant = Rotation(lambda: qk.quantize_4bit(w, double_quant=True), n * k // 2)
+        if bnb is not None:
+            # as transformers stores a bnb Linear4bit weight: NF4, compress_statistics=True
+            bquant = Rotation(lambda: bnb.functional.quantize_4bit(
+                w, blocksize=64, quant_type="nf4", compress_statistics=True), n * k // 2)
         dense = {dt: Rotation(lambda dt=dt: w.to(dt), n * k * torch.finfo(dt).bits // 8)
                  for dt in (torch.bfloat16, torch.float16, torch.float32)}
         for m in rows:
@@ -65,6 +73,12 @@ def bench(device, shapes, rows, reps):
                 mm.set_gemv_max_rows(limit, torch.device(device).type)
                 r[f"{path}_ms"] = median_time(lambda: qk.matmul_4bit(x, *quant.next()), device,
                                               warmup=1, reps=rr) * 1e3
+            if bnb is not None:
+                def bnb_call():
+                    # how a bnb Linear4bit's forward calls it: the packed weight transposed
+                    packed, state = bquant.next()
+                    return bnb.matmul_4bit(x, packed.t(), quant_state=state)
+                r["bnb_ms"] = median_time(bnb_call, device, warmup=1, reps=rr) * 1e3
             out.append(r)
     return out
 
@@ -79,21 +93,26 @@ def main(argv=None):
     saved = dict(mm.GEMV_MAX_ROWS)
     shapes = [(1024, 1024)] if args.quick else SHAPES
     rows = [1, 8, 64] if args.quick else ROWS
+    bnb = optional_bitsandbytes()
     try:
-        rows_out = bench(args.device, shapes, rows, 3 if args.quick else args.reps)
+        rows_out = bench(args.device, shapes, rows, 3 if args.quick else args.reps, bnb)
     finally:
         mm.GEMV_MAX_ROWS.clear()
         mm.GEMV_MAX_ROWS.update(saved)
     info = device_info(args.device)
-    print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}")
+    if bnb is not None:
+        info["bitsandbytes"] = bnb.__version__
+    print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}"
+          + (f" | bitsandbytes {bnb.__version__}" if bnb is not None else ""))
     print(f"{'N x K':>12} {'rows':>5} {'gemv ms':>8} {'gemm ms':>8} {'bf16 ms':>8} {'f16 ms':>8} "
-          f"{'f32 ms':>8} {'bf16/best':>9} {'best/f32':>8}")
+          f"{'f32 ms':>8} {'bf16/best':>9} {'best/f32':>8}" + (f" {'bnb ms':>8} {'bnb/best':>8}" if bnb else ""))
     for r in rows_out:
         best = min(v for key, v in r.items() if key in ("gemv_ms", "gemm_ms"))
         print(f"{'x'.join(map(str, r['shape'])):>12} {r['rows']:>5} {r.get('gemv_ms', float('nan')):>8.2f} "
               f"{r['gemm_ms']:>8.2f} {r['dense_bf16_ms']:>8.2f} {r['dense_f16_ms']:>8.2f} "
               f"{r['dense_f32_ms']:>8.2f} "
-              f"{r['dense_bf16_ms'] / best:>9.2f} {best / r['dense_f32_ms']:>8.2f}")
+              f"{r['dense_bf16_ms'] / best:>9.2f} {best / r['dense_f32_ms']:>8.2f}"
+              + (f" {r['bnb_ms']:>8.2f} {r['bnb_ms'] / best:>8.2f}" if "bnb_ms" in r else ""))
     for shape in shapes:
         wins = [r["rows"] for r in rows_out if r["shape"] == list(shape) and "gemv_ms" in r
                 and r["gemv_ms"] <= r["gemm_ms"]]

@@ -7,6 +7,13 @@ kernels and copies run round-robin, and the ratio is the median of per-round rat
 load on a shared machine hits both alike. Dequantize is timed into a
 preallocated output (``out=``), like the copy; with and without double quantization.
 
+When bitsandbytes happens to be installed (never a dependency), its quantize_4bit /
+dequantize_4bit (NF4, with and without compress_statistics) are rows of backend
+``bitsandbytes`` with the same columns. Its quantize, like the reference, is timed apart
+(3 repetitions; the ratio is against the round-robin copy median); its dequantize runs in
+the round-robin, into ``out=`` where bitsandbytes has an ``out`` kernel for the device
+(not its CPU backend: there it allocates, ``"out": false`` in the row).
+
 Usage: python benchmarks/bench_quantize.py [--json out.json] [--quick] [--device cuda]
 """
 from __future__ import annotations
@@ -20,14 +27,35 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
-from benchmarks.timing import device_info, median_ratio, median_time, paired_times  # noqa: E402
+from benchmarks.timing import (device_info, median_ratio, median_time,  # noqa: E402
+                               optional_bitsandbytes, paired_times)
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 
 
-def bench(device: str, shapes, backends, reps: int):
+def _bnb_ops(bnb, w, out) -> dict:
+    """bitsandbytes' four ops on ``w`` (NF4, blocksize 64): ``op -> (fn, uses_out)``."""
+    F = bnb.functional
+    packed, s_plain = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    _, s_dq = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+
+    def dequantize(state):
+        try:  # into out= like ours, where bitsandbytes has that kernel for the device
+            F.dequantize_4bit(packed, state, out=out)
+            return (lambda: F.dequantize_4bit(packed, state, out=out)), True
+        except NotImplementedError:
+            return (lambda: F.dequantize_4bit(packed, state)), False
+
+    return {"quantize": ((lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4")), False),
+            "quantize+DQ": ((lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                     compress_statistics=True)), False),
+            "dequantize": dequantize(s_plain), "dequantize+DQ": dequantize(s_dq)}
+
+
+def bench(device: str, shapes, backends, reps: int, bnb=None):
     """Every backend's four ops and the two copies, timed round-robin per shape (the
-    reference backend, ~100x slower, separately with fewer repetitions)."""
+    reference backend, ~100x slower, and bitsandbytes' quantize separately with fewer
+    repetitions). ``bnb``: the bitsandbytes module for its optional rows (None: none)."""
     rows = []
     for shape in shapes:
         w = torch.randn(*shape, dtype=torch.bfloat16, device=device)
@@ -51,11 +79,21 @@ def bench(device: str, shapes, backends, reps: int):
                                        d_bytes, "copy_d")
             ops[(be, "dequantize+DQ")] = (lambda be=be: qk.dequantize_4bit(packed, s_dq, out=out, backend=be),
                                           d_bytes, "copy_d")
-        fast = {f"{be}/{op}": fn for (be, op), (fn, _, _) in ops.items() if be != "torch"}
+        uses_out = {}
+        if bnb is not None:
+            for op, (fn, used) in _bnb_ops(bnb, w, out).items():
+                ops[("bitsandbytes", op)] = (fn, q_bytes if op.startswith("quantize") else d_bytes,
+                                             "copy_q" if op.startswith("quantize") else "copy_d")
+                uses_out[op] = used
+
+        def slow(be, op):
+            return be == "torch" or (be == "bitsandbytes" and op.startswith("quantize"))
+
+        fast = {f"{be}/{op}": fn for (be, op), (fn, _, _) in ops.items() if not slow(be, op)}
         timed = paired_times({**fns, **fast}, device, rounds=reps)
         for (be, op), (fn, nbytes, copy) in ops.items():
             key = f"{be}/{op}"
-            if be == "torch":
+            if slow(be, op):
                 t = median_time(fn, device, warmup=1, reps=3)
                 ratio = t / timed["median"][copy]
             else:
@@ -64,6 +102,8 @@ def bench(device: str, shapes, backends, reps: int):
             rows.append({"shape": list(shape), "backend": be, "op": op, "ms": t * 1e3,
                          "GB/s": nbytes / t / 1e9, "copy_ms": timed["median"][copy] * 1e3,
                          "x_copy": ratio})
+            if be == "bitsandbytes" and op.startswith("dequantize"):
+                rows[-1]["out"] = uses_out[op]
         if "cpu" in backends or "cuda" in backends:
             be = "cuda" if "cuda" in backends else "cpu"
             rows.append({"shape": list(shape), "backend": be, "op": "DQ overhead",
@@ -83,17 +123,22 @@ def main(argv=None):
     dev_type = torch.device(args.device).type
     # interpreted Triton on the CPU measures the interpreter, not the kernel
     backends = [b for b in qk.available_backends(dev_type) if not (dev_type == "cpu" and b == "triton")]
-    rows = bench(args.device, shapes, backends, reps)
+    bnb = optional_bitsandbytes()
+    rows = bench(args.device, shapes, backends, reps, bnb)
     info = device_info(args.device)
-    print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}")
-    print(f"{'shape':>12} {'backend':>7} {'op':>14} {'ms':>8} {'GB/s':>7} {'copy ms':>8} {'x copy':>7}")
+    if bnb is not None:
+        info["bitsandbytes"] = bnb.__version__
+    print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | {info['date']}"
+          + (f" | bitsandbytes {bnb.__version__}" if bnb is not None else ""))
+    print(f"{'shape':>12} {'backend':>12} {'op':>14} {'ms':>8} {'GB/s':>7} {'copy ms':>8} {'x copy':>7}")
     for r in rows:
         if r["op"] == "DQ overhead":
             print(f"DQ overhead {r['shape']} {r['backend']}: {100 * (r['ratio'] - 1):+.1f}% "
                   "(median per-round ratio, dequantize+DQ / dequantize)")
             continue
-        print(f"{'x'.join(map(str, r['shape'])):>12} {r['backend']:>7} {r['op']:>14} {r['ms']:>8.2f} "
-              f"{r['GB/s']:>7.1f} {r['copy_ms']:>8.2f} {r['x_copy']:>7.2f}")
+        print(f"{'x'.join(map(str, r['shape'])):>12} {r['backend']:>12} {r['op']:>14} {r['ms']:>8.2f} "
+              f"{r['GB/s']:>7.1f} {r['copy_ms']:>8.2f} {r['x_copy']:>7.2f}"
+              + ("  (allocates: no out= kernel)" if r.get("out") is False else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

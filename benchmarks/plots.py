@@ -57,7 +57,8 @@ def plot_all(results: dict, out_dir: str, name: str) -> list:
             rs = sorted((r for r in rows if tuple(r["shape"]) == shape), key=lambda r: r["rows"])
             m = [r["rows"] for r in rs]
             for key, label in (("gemv_ms", "4-bit GEMV"), ("gemm_ms", "4-bit GEMM"),
-                               ("dense_bf16_ms", "dense bf16"), ("dense_f32_ms", "dense f32")):
+                               ("dense_bf16_ms", "dense bf16"), ("dense_f32_ms", "dense f32"),
+                               ("bnb_ms", "bitsandbytes matmul_4bit")):  # bnb: when installed
                 pts = [(mm, r[key]) for mm, r in zip(m, rs) if key in r]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=label)

@@ -9,6 +9,7 @@ Example:
 """
 from __future__ import annotations
 
+import importlib.util
 import platform
 import statistics
 import time
@@ -81,6 +82,21 @@ def copy_time(nbytes: int, device="cpu", **kw) -> float:
     src = torch.randint(0, 255, (half,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return median_time(lambda: dst.copy_(src), device=device, **kw)
+
+
+def optional_bitsandbytes():
+    """The ``bitsandbytes`` module when it happens to be installed, else None: its rows are
+    an optional comparison in the benchmarks, never a dependency.
+
+    Example:
+        >>> bnb = optional_bitsandbytes()
+        >>> bnb is None or hasattr(bnb, "matmul_4bit")
+        True
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    import bitsandbytes
+    return bitsandbytes
 
 
 def device_info(device="cpu") -> dict:

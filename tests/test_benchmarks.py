@@ -25,3 +25,27 @@ def test_quick_harness_writes_results_and_plots(tmp_path):
         pytest.skip("matplotlib not installed: plots not written")
     assert any(f.endswith("-quantize.png") for f in files)
     assert any(f.endswith("-matmul.png") for f in files)
+
+
+def test_bitsandbytes_rows_when_installed(tmp_path, single_thread):
+    """The optional bitsandbytes rows (matmul bnb_ms column, quantize/dequantize rows) are
+    in the printed table's JSON, positive, on the quick shapes."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from benchmarks import bench_matmul, bench_quantize
+    from benchmarks.plots import plot_all
+
+    mm_json, q_json = str(tmp_path / "mm.json"), str(tmp_path / "q.json")
+    bench_matmul.main(["--quick", "--json", mm_json])
+    bench_quantize.main(["--quick", "--json", q_json])
+    mm, q = json.load(open(mm_json)), json.load(open(q_json))
+    assert mm["info"]["bitsandbytes"] == q["info"]["bitsandbytes"] == bnb.__version__
+    assert mm["rows"] and all(r["bnb_ms"] > 0 for r in mm["rows"])
+    rows = {r["op"]: r for r in q["rows"] if r["backend"] == "bitsandbytes"}
+    assert set(rows) == {"quantize", "quantize+DQ", "dequantize", "dequantize+DQ"}
+    for r in rows.values():
+        assert r["ms"] > 0 and r["GB/s"] > 0 and r["x_copy"] > 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert plot_all({"sections": {"matmul": mm, "quantize": q}}, str(tmp_path), "bnb")
