@@ -109,12 +109,13 @@ def test_quick_demo_report(quick_run):
     assert mem["float32"]["bytes"] > mem["bf16"]["bytes"] > mem["NF4"]["bytes"] > mem["NF4 + DQ"]["bytes"]
     assert 4.49 < mem["NF4"]["bits_per_param"] < 4.52
     assert 4.12 < mem["NF4 + DQ"]["bits_per_param"] < 4.16
-    # Perplexity: the QLoRA paper's finding, NF4 (with or without DQ) beats FP4 and INT4.
-    # (FP4 vs INT4 is within noise on this model, whose GGUF weights are already on a
-    # uniform 4-bit grid; their order flips with the text sample, so it is not asserted.)
+    # Perplexity: the QLoRA paper's finding, NF4 (with or without DQ) <= FP4 <= INT4. FP4 and
+    # INT4 are ~1% apart on this model; the 4096-token sample is where their order settles
+    # (see PPL_TOKENS in qlora_kernels/demo/__init__.py).
     ppl = {r["format"]: r["ppl"] for r in report["perplexity"]["rows"]}
+    assert report["perplexity"]["tokens"] == 4096
     assert ppl["unquantized (float32)"] < min(ppl["NF4"], ppl["NF4 + DQ"]), ppl
-    assert max(ppl["NF4"], ppl["NF4 + DQ"]) < min(ppl["FP4"], ppl["INT4"]), ppl
+    assert max(ppl["NF4"], ppl["NF4 + DQ"]) <= ppl["FP4"] <= ppl["INT4"], ppl
     # Fine-tune: the loss went down, on training batches and on the held-out split.
     tr = report["train"]
     assert tr["steps_done"] == 6 and not tr["interrupted"]

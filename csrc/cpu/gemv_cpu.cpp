@@ -5,7 +5,7 @@
 // K a multiple of the blocksize; other shapes take a scalar path with the same arithmetic.
 //  * exact (float32 / float16 x): decodes 32 codes per 16 packed bytes with four pshufb
 //    lookups into the byte planes of the float32 code table, then a 4x4 byte transpose.
-//  * bf16 (bfloat16 x, blocksize a multiple of 64, |code| <= 1): block fixed point. The
+//  * bf16 (bfloat16 x, blocksize a multiple of 64, |code| < 2): block fixed point. The
 //    code table as int16 and each 64-group of x as int16 with a power-of-two scale (exact
 //    for every element within 2^5 of the group's max |x|, see below); 64 codes per 32
 //    packed bytes take two pshufb lookups and one byte unpack per 16 weights, and vpmaddwd
@@ -156,13 +156,14 @@ QK_AVX2 void gemv_avx2(const GemvArgs& a) {
 }
 
 // ---- bf16 path: block fixed point, 64 codes per 32 packed bytes.
-// The code table becomes int16 (value * 2^14, |code| <= 1, error <= 2^-15) and each group of
+// The code table becomes int16 (value * 2^14, |code| < 2, error <= 2^-15) and each group of
 // 64 elements of x becomes int16 with a power-of-two scale 2^(e-13), e the exponent of the
 // group's largest |x|. A bf16 x has 8 significant bits, so every element within 2^5 of its
 // group's max is represented exactly; smaller ones are rounded by at most 2^-13 of the max,
 // far below the bf16 rounding of the output. vpmaddwd multiplies and adds pairs exactly in
-// int32 (8 products of at most 2^27 per lane and group: no overflow); each group's sum is
-// converted to float32 and scaled by absmax * 2^(e-13) * 2^-14 into the float32 total.
+// int32 (per lane and group 8 products of at most 32767 * 8192 < 2^28: no overflow); each
+// group's sum is converted to float32 and scaled by absmax * 2^(e-13) * 2^-14 into the
+// float32 total.
 // decode64_int16 yields vector v = 2*I + U, lane L, word w (position 8L + w) from packed byte
 // 16L + 8U + w: I = 0 takes the low nibbles (odd elements), I = 1 the high ones (even).
 constexpr int kCodeBits = 14, kXBits = 13;
@@ -335,9 +336,9 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
              y.data_ptr<float>()};
 #if defined(__x86_64__)
   if (has_avx2() && K % blocksize == 0) {
-    float cmax = 0.0f;
+    float cmax = 0.0f;  // the codes must fit int16 at 2^14 (NF4/FP4: 1, INT4: 8/7)
     for (int v = 0; v < 16; ++v) cmax = std::max(cmax, std::fabs(c.data_ptr<float>()[v]));
-    if (x.scalar_type() == at::kBFloat16 && blocksize % 64 == 0 && cmax <= 1.0f) {
+    if (x.scalar_type() == at::kBFloat16 && blocksize % 64 == 0 && cmax < 1.999f) {
       const at::Tensor xc = x.contiguous();
       at::Tensor q = at::empty({M, K}, x.options().dtype(at::kShort));
       at::Tensor sc = at::empty({M, K / 64}, x.options().dtype(at::kFloat));
