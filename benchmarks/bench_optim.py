@@ -21,6 +21,41 @@ import torch
 import qlora_kernels as qk
 
 
+# LoRA A (r x in) and B (out x r) of one LLaMA-7B decoder layer at r=64: q, k, v, o, gate, up, down.
+LLAMA7B_LINEARS = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
+LORA_R = 64
+
+
+def lora_sizes(numel: int) -> list:
+    """Sizes of the LoRA params of LLaMA-7B (r=64, all linears), layer after layer, until
+    ``numel`` elements (the last one cut to fit).
+
+    Example:
+        >>> lora_sizes(300000)
+        [262144, 37856]
+    """
+    layer = [n for fan_in, fan_out in LLAMA7B_LINEARS for n in (LORA_R * fan_in, fan_out * LORA_R)]
+    sizes, total, i = [], 0, 0
+    while total < numel:
+        n = min(layer[i % len(layer)], numel - total)
+        sizes.append(n)
+        total += n
+        i += 1
+    return sizes
+
+
+def equal_sizes(numel: int, tensors: int) -> list:
+    """``tensors`` sizes summing to ``numel``.
+
+    Example:
+        >>> equal_sizes(10, 3)
+        [3, 3, 4]
+    """
+    sizes = [numel // tensors] * tensors
+    sizes[-1] += numel - sum(sizes)
+    return sizes
+
+
 def make_optimizers(params_by_name, lr):
     """name -> optimizer; torch's fused CPU AdamW only if this torch has it."""
     opts, notes = {}, []
@@ -48,7 +83,11 @@ def make_optimizers(params_by_name, lr):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=40_000_000, help="total float32 parameters")
-    ap.add_argument("--tensors", type=int, default=10, help="split into this many params")
+    ap.add_argument("--layout", choices=("lora", "equal"), default="lora",
+                    help="lora: the adapter shapes of LLaMA-7B r=64 on all linears, layer after "
+                         "layer (14 tensors, 5.0M params per layer: 40M is 113 tensors, 8 layers "
+                         "and a bit); equal: --tensors params of equal size")
+    ap.add_argument("--tensors", type=int, default=10, help="with --layout equal: how many params")
     ap.add_argument("--rounds", type=int, default=15, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
@@ -59,8 +98,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)  # the same OpenMP runtime runs our kernels
 
     gen = torch.Generator().manual_seed(0)
-    sizes = [args.numel // args.tensors] * args.tensors
-    sizes[-1] += args.numel - sum(sizes)
+    sizes = lora_sizes(args.numel) if args.layout == "lora" else equal_sizes(args.numel, args.tensors)
     init = [torch.randn(n, generator=gen) for n in sizes]
     names = ["torch_fused", "torch_foreach", "qk_adamw"] + ([] if args.skip_8bit else ["qk_adamw8bit"])
     params_by_name = {k: [torch.nn.Parameter(t.clone()) for t in init] for k in names}
@@ -86,7 +124,7 @@ def main(argv=None):
     # per-round ratios: both optimizers saw the same machine load within a round
     paired = {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()}
     result = {
-        "numel": args.numel, "tensors": args.tensors, "rounds": args.rounds,
+        "numel": args.numel, "tensors": len(sizes), "layout": args.layout, "rounds": args.rounds,
         "warmup": args.warmup, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -94,7 +132,7 @@ def main(argv=None):
         "ratio_vs_baseline": {k: v / med[base] for k, v in med.items()},
         "paired_ratio_vs_baseline": paired, "notes": notes,
     }
-    print(f"{args.numel / 1e6:.1f}M float32 params in {args.tensors} tensors, "
+    print(f"{args.numel / 1e6:.1f}M float32 params in {len(sizes)} tensors ({args.layout}), "
           f"{torch.get_num_threads()} threads, median of {args.rounds} steps after "
           f"{args.warmup} warm-up")
     for k, v in med.items():

@@ -60,6 +60,11 @@ SCHEMAS = {
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
         "bool maximize) -> ()"
     ),
+    "adamw_step_multi_": (
+        "adamw_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay, int[] steps, bool maximize) -> ()"
+    ),
     "adamw8bit_step_": (
         "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) qm, Tensor(c!) absmax_m, "
         "Tensor(d!) qv, Tensor(e!) absmax_v, Tensor code_m, Tensor code_v, float lr, "
@@ -80,6 +85,7 @@ _REFERENCE_IMPLS = {
     "dequantize_8bit": reference.dequantize_8bit,
     "gemv_4bit": reference.gemv_4bit,
     "adamw_step_": optim_reference.adamw_step_,
+    "adamw_step_multi_": optim_reference.adamw_step_multi_,
     "adamw8bit_step_": optim_reference.adamw8bit_step_,
     "managed_supported": optim_reference.managed_supported,
     "managed_empty": optim_reference.managed_empty,
@@ -170,6 +176,12 @@ def _dequantize_8bit_fake(q, absmax, code, blocksize, dtype):
 @torch.library.register_fake("qlora_kernels::adamw_step_")
 def _adamw_step_fake(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
                      maximize):
+    return None
+
+
+@torch.library.register_fake("qlora_kernels::adamw_step_multi_")
+def _adamw_step_multi_fake(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
+                           weight_decay, steps, maximize):
     return None
 
 

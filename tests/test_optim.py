@@ -129,10 +129,70 @@ def test_op_errors_are_clear():
 
 
 def test_schemas_mirror_cpp():
-    for name in ("adamw_step_", "adamw8bit_step_", "managed_supported", "managed_empty",
+    for name in ("adamw_step_", "adamw_step_multi_", "adamw8bit_step_", "managed_supported", "managed_empty",
                  "managed_prefetch_", "is_managed"):
         schema = str(getattr(torch.ops.qlora_kernels, name).default._schema)
         assert schema == "qlora_kernels::" + ops.SCHEMAS[name]
+
+
+# ------------------------------------------------------------------ multi-tensor op
+def _multi_case(rng):
+    # mixed dtypes and sizes (below, at and past a 32768-element chunk), different step counts
+    sizes = (1, 65, 32768, 70001, 333 * 77)
+    dtypes = (torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32)
+    ps = [torch.randn(n, generator=rng).to(dt) for n, dt in zip(sizes, dtypes)]
+    gs = [torch.randn(n, generator=rng).to(dt) for n, dt in zip(sizes, dtypes)]
+    ms = [torch.randn(n, generator=rng) * 0.1 for n in sizes]
+    vs = [torch.rand(n, generator=rng) * 0.01 for n in sizes]
+    return ps, gs, ms, vs, [3, 1, 7, 2, 100]
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_multi_tensor_op_equals_per_param_op(rng, maximize):
+    ps, gs, ms, vs, steps = _multi_case(rng)
+    one = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01)
+    torch.ops.qlora_kernels.adamw_step_multi_(ps, gs, ms, vs, *hyper, steps, maximize)
+    for i, step in enumerate(steps):
+        torch.ops.qlora_kernels.adamw_step_(one[0][i], gs[i], one[1][i], one[2][i], *hyper, step,
+                                            maximize)
+    for got, want in zip(ps + ms + vs, one[0] + one[1] + one[2]):
+        assert torch.equal(got, want)  # the same element updates: the same bits
+
+
+def test_multi_tensor_op_checks_and_opcheck(rng):
+    ps, gs, ms, vs, steps = _multi_case(rng)
+    with pytest.raises((RuntimeError, ValueError), match="same length"):
+        torch.ops.qlora_kernels.adamw_step_multi_(ps, gs[:-1], ms, vs, 1e-3, 0.9, 0.999, 1e-8,
+                                                  0.0, steps, False)
+    with pytest.raises((RuntimeError, ValueError), match="exp_avg_sq has 9 elements"):
+        torch.ops.qlora_kernels.adamw_step_multi_(ps[:1] + [torch.randn(10)], gs[:1] + [torch.randn(10)],
+                                                  ms[:1] + [torch.zeros(10)], vs[:1] + [torch.zeros(9)],
+                                                  1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1], False)
+    torch.library.opcheck(torch.ops.qlora_kernels.adamw_step_multi_.default,
+                          (ps, gs, ms, vs, 1e-3, 0.9, 0.999, 1e-8, 0.01, steps, False))
+
+
+def test_optimizer_with_many_small_params_matches_torch(rng):
+    # the optimizer batches CPU params into one multi-tensor call: a LoRA-like list
+    shapes = [(8, 64), (64, 8)] * 40 + [(5,)]
+    init = [torch.randn(*s, generator=rng) for s in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = qk.optim.AdamW(ours, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
+    for _ in range(20):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=rng)
+            b.grad = a.grad.clone()
+        ours[3].grad = None  # a param without a gradient is skipped, its step count too
+        theirs[3].grad = None
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert rel_err(a.detach(), b.detach()) < 1e-6
+    assert 3 not in [i for i, p in enumerate(ours) if p in opt.state]
+    assert float(opt.state[ours[0]]["step"]) == 20
 
 
 # ------------------------------------------------------------------ 8-bit

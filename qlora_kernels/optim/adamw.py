@@ -38,6 +38,12 @@ _STATE8 = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
 BLOCKSIZE = reference.OPTIM_BLOCKSIZE
 
 
+
+def _multi_op() -> bool:
+    """Whether the compiled CPU multi-tensor AdamW kernel is there (not the reference)."""
+    return _extension.EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "qlora_kernels::adamw_step_multi_", "CPU")
+
 class AdamW(torch.optim.Optimizer):
     """AdamW with a fused update kernel.
 
@@ -132,10 +138,14 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        names = {}  # backend per device type, resolved once per step
+        multi = _multi_op()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                      float(group["weight_decay"]))
+            maximize = bool(group["maximize"])
+            params = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -144,9 +154,28 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._init_state(p))
-                state["step"] += 1
-                step = int(state["step"].item())
-                self._update(p, p.grad, state, hyper, step, bool(group["maximize"]))
+                params.append(p)
+            if not params:
+                continue
+            counters = [self.state[p]["step"] for p in params]
+            torch._foreach_add_(counters, 1)  # one call, not one tiny op per param
+            steps = [int(c) for c in torch.stack(counters).tolist()]
+            batch = []  # 32-bit CPU params for the multi-tensor op
+            for p, step in zip(params, steps):
+                state, dev = self.state[p], p.device.type
+                if dev not in names:
+                    names[dev] = self._backend_name(p.device)
+                if dev == "cpu" and "exp_avg" in state and names[dev] == "cpu" and multi:
+                    batch.append((p, step))
+                else:
+                    self._update(p, p.grad, state, hyper, step, maximize)
+            if batch:
+                # one call for all of them: per-param calls cost ~20 us each in Python
+                ps = [p for p, _ in batch]
+                torch.ops.qlora_kernels.adamw_step_multi_(
+                    ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps],
+                    [self.state[p]["exp_avg_sq"] for p in ps], *hyper, [st for _, st in batch],
+                    maximize)
         return loss
 
     def _update(self, p, grad, state, hyper, step: int, maximize: bool) -> None:

@@ -72,6 +72,18 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2
         p_flat.copy_(p)
 
 
+def adamw_step_multi_(params, grads, exp_avgs, exp_avg_sqs, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, steps, maximize: bool) -> None:
+    """``adamw_step_`` for each param in turn; ``steps[i]`` is ``params[i]``'s step count."""
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
+        raise ValueError(f"adamw_step_multi_: params, grads, exp_avgs, exp_avg_sqs and steps must "
+                         f"have the same length, got {n}, {len(grads)}, {len(exp_avgs)}, "
+                         f"{len(exp_avg_sqs)}, {len(steps)}")
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        adamw_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, maximize)
+
+
 def adamw8bit_step_(param, grad, qm, absmax_m, qv, absmax_v, code_m, code_v, lr: float,
                     beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                     maximize: bool) -> None:
