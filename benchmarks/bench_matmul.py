@@ -27,7 +27,7 @@ from qlora_kernels import matmul as mm  # noqa: E402
 from benchmarks.timing import device_info, median_time, optional_bitsandbytes  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-ROWS = [1, 2, 4, 8, 16, 32, 512, 2048]
+ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
 ROTATE_BYTES = 64 << 20  # weights smaller than this are rotated among copies (cold cache)
 
 
@@ -68,7 +68,7 @@ def bench(device, shapes, rows, reps, bnb=None):
                 r[f"dense_{name}_ms"] = median_time(lambda: F.linear(xd, rot.next()), device,
                                                     warmup=1, reps=rr) * 1e3
             for path, limit in (("gemv", 10**9), ("gemm", 0)):
-                if path == "gemv" and m > 64:
+                if path == "gemv" and m > 128:
                     continue
                 mm.set_gemv_max_rows(limit, torch.device(device).type)
                 r[f"{path}_ms"] = median_time(lambda: qk.matmul_4bit(x, *quant.next()), device,

@@ -35,31 +35,59 @@ import torch.nn.functional as F
 from . import ops  # noqa: F401
 from .quant_state import QuantState
 
-# Largest number of rows of x that takes the GEMV path, per device type. CPU: measured by
-# benchmarks/bench_matmul.py (2026-11-22, 2-core AVX2): GEMV wins up to 8 rows on the
-# 4096x4096, 11008x4096 and 4096x11008 shapes, GEMM from 16. CUDA: not yet measured (no GPU
-# was available); 4 is a placeholder until bench_matmul.py runs on one.
-GEMV_MAX_ROWS = {"cpu": 8, "cuda": 4}
+# Largest number of rows of x that takes the GEMV path, per device type, and per
+# "device:dtype" of x where that differs. CPU, measured by benchmarks/bench_matmul.py
+# (2026-11-22, 2-core AVX2) on the 4096x4096, 11008x4096 and 4096x11008 shapes: bf16 x
+# (the block fixed-point GEMV) wins up to 64 rows, GEMM from 96; float32/float16 x (the
+# exact float GEMV) wins up to 8, GEMM from 16. CUDA: not yet measured (no GPU was
+# available); 4 is a placeholder until bench_matmul.py runs on one.
+GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": 64, "cuda": 4}
 _ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
 
 
-def set_gemv_max_rows(rows: int, device_type: str = "cpu") -> None:
-    """Override the GEMV/GEMM switch: x with at most ``rows`` rows takes the GEMV path.
+def set_gemv_max_rows(rows: int, device_type: str = "cpu", dtype: Optional[torch.dtype] = None) -> None:
+    """Override the GEMV/GEMM switch: x with at most ``rows`` rows takes the GEMV path, for x
+    of ``dtype`` on ``device_type``, or for every dtype there when ``dtype`` is None.
 
     Example:
-        >>> set_gemv_max_rows(8, "cpu"); GEMV_MAX_ROWS["cpu"]
-        8
+        >>> saved = dict(GEMV_MAX_ROWS)
+        >>> set_gemv_max_rows(16, "cpu", torch.float32); gemv_max_rows("cpu", torch.float32)
+        16
+        >>> set_gemv_max_rows(2, "cpu"); gemv_max_rows("cpu", torch.bfloat16)
+        2
+        >>> GEMV_MAX_ROWS.clear(); GEMV_MAX_ROWS.update(saved)
     """
-    GEMV_MAX_ROWS[device_type] = int(rows)
+    if dtype is None:
+        for key in [key for key in GEMV_MAX_ROWS if key.startswith(device_type + ":")]:
+            del GEMV_MAX_ROWS[key]
+        GEMV_MAX_ROWS[device_type] = int(rows)
+    else:
+        GEMV_MAX_ROWS[f"{device_type}:{str(dtype).removeprefix('torch.')}"] = int(rows)
 
 
-def gemv_max_rows(device_type: str) -> int:
+def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
+    """The GEMV/GEMM threshold for x of ``dtype`` on ``device_type`` (env
+    ``QLORA_KERNELS_GEMV_MAX_ROWS`` overrides every one).
+
+    Example:
+        >>> gemv_max_rows("cpu", torch.float32) >= 1
+        True
+    """
     env = os.environ.get(_ENV)
-    return int(env) if env else GEMV_MAX_ROWS.get(device_type, 8)
+    if env:
+        return int(env)
+    if dtype is not None:
+        key = f"{device_type}:{str(dtype).removeprefix('torch.')}"
+        if key in GEMV_MAX_ROWS:
+            return GEMV_MAX_ROWS[key]
+    return GEMV_MAX_ROWS.get(device_type, 8)
 
 
-# Elements of W dequantized per CPU GEMM tile (float32: 4 MB).
+# Elements of W dequantized per CPU GEMM tile (float32: 4 MB), and at least this many rows:
+# each tile's GEMM streams all of x (forward) or grad_x (backward) once more, so thin tiles
+# of a wide W cost (4096x11008 at 512 rows: 64-row tiles 1.22x dense float32, 256-row 1.0x).
 TILE_ELEMENTS = 1 << 20
+MIN_TILE_ROWS = 256
 
 
 def _row_tiles(n: int, k: int, blocksize: int, nested: bool):
@@ -67,7 +95,7 @@ def _row_tiles(n: int, k: int, blocksize: int, nested: bool):
     the nested scales), so each tile's bytes, absmax and nested scales are plain slices."""
     align = blocksize * (256 if nested else 1)
     step = align // math.gcd(k, align)  # rows per aligned unit (align is even)
-    rows = max(step, (TILE_ELEMENTS // max(k, 1)) // step * step)
+    rows = max(step, max(TILE_ELEMENTS // max(k, 1), MIN_TILE_ROWS) // step * step)
     return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
 
 
@@ -103,7 +131,7 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m <= gemv_max_rows(x.device.type):
+    if m <= gemv_max_rows(x.device.type, x.dtype):
         # x in its own dtype: the kernel accumulates in float32 (bias included) and rounds
         # once; with bf16 x the CPU kernel decodes the code table at bf16 precision
         y = torch.ops.qlora_kernels.gemv_4bit(x2, packed, absmax, code, blocksize, out_features,

@@ -163,6 +163,7 @@ def test_torch_compile_fullgraph_mlp(rng):
 def test_cpu_gemm_tiles_cover_every_row(shape, double_quant, rng, monkeypatch):
     # small tiles force many slices of packed bytes, absmax and nested scales
     monkeypatch.setattr(mm, "TILE_ELEMENTS", 4096)
+    monkeypatch.setattr(mm, "MIN_TILE_ROWS", 1)
     monkeypatch.setitem(mm.GEMV_MAX_ROWS, "cpu", 0)
     n, k = shape
     packed, state = _weight(n, k, rng, double_quant)
@@ -178,6 +179,13 @@ def test_cpu_gemm_tiles_cover_every_row(shape, double_quant, rng, monkeypatch):
     y.backward(g)
     w = qk.dequantize_4bit(packed, state, out_dtype=torch.float32)
     _close(x.grad, g @ w, torch.float32)
+
+
+def test_cpu_gemm_tiles_are_not_thin():
+    # a wide W (large K) still gets tiles of at least MIN_TILE_ROWS rows
+    for n, k in ((4096, 11008), (4096, 14336), (4096, 4096)):
+        for r0, r1 in mm._row_tiles(n, k, 64, True)[:-1]:
+            assert r1 - r0 >= mm.MIN_TILE_ROWS
 
 
 # ---------------------------------------------------- the CPU GEMV's bf16 fixed-point path
@@ -257,3 +265,17 @@ def test_no_grad_fast_path_equals_the_op(rng):
         op = torch.ops.qlora_kernels.matmul_4bit(x, packed, state.absmax, state.code, 64, 24,
                                                  s2.absmax, s2.code, float(state.offset), b)
         assert torch.equal(fast, op)
+
+
+def test_gemv_threshold_per_dtype(monkeypatch):
+    monkeypatch.setattr(mm, "GEMV_MAX_ROWS", dict(mm.GEMV_MAX_ROWS))
+    monkeypatch.delenv("QLORA_KERNELS_GEMV_MAX_ROWS", raising=False)
+    # measured defaults: the bf16 fixed-point GEMV wins to 64 rows, the float one to 8
+    assert mm.gemv_max_rows("cpu", torch.bfloat16) == 64
+    assert mm.gemv_max_rows("cpu", torch.float32) == mm.gemv_max_rows("cpu", torch.float16) == 8
+    mm.set_gemv_max_rows(3, "cpu", torch.float16)
+    assert mm.gemv_max_rows("cpu", torch.float16) == 3 and mm.gemv_max_rows("cpu", torch.float32) == 8
+    mm.set_gemv_max_rows(5, "cpu")  # no dtype: every dtype on the device
+    assert mm.gemv_max_rows("cpu", torch.bfloat16) == mm.gemv_max_rows("cpu", torch.float16) == 5
+    monkeypatch.setenv("QLORA_KERNELS_GEMV_MAX_ROWS", "11")
+    assert mm.gemv_max_rows("cpu", torch.bfloat16) == 11
