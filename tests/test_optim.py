@@ -268,6 +268,27 @@ def test_state_dict_resume_is_exact(rng, cls):
     assert torch.equal(a.detach(), b.detach())
     for key, val in opt_a.state[a].items():
         assert torch.equal(val, opt_c.state[b][key]) and val.dtype == opt_c.state[b][key].dtype
+    assert "qmap_m" not in opt_b.state[b]  # the tables go into the dict, not the live state
+
+
+def test_8bit_rejects_triton_backend():
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        qk.optim.AdamW8bit([torch.nn.Parameter(torch.randn(8))], backend="triton")
+
+
+def test_8bit_state_dict_carries_code_tables(rng):
+    w = torch.nn.Parameter(torch.randn(5000, generator=rng))
+    opt = qk.optim.AdamW8bit([w])
+    w.grad = torch.randn(5000, generator=rng)
+    opt.step()
+    sd = opt.state_dict()
+    st = sd["state"][0]
+    assert torch.equal(st["qmap_m"], qk.formats.dynamic_map(signed=True))
+    assert torch.equal(st["qmap_v"], qk.formats.dynamic_map(signed=False))
+    qk.optim.AdamW8bit([w]).load_state_dict(sd)  # matching tables load
+    st["qmap_v"] = st["qmap_v"].flip(0)
+    with pytest.raises(ValueError, match="code table qmap_v differs"):
+        qk.optim.AdamW8bit([w]).load_state_dict(sd)
 
 
 def test_loads_torch_adamw_state_dict_for_bf16_param(rng):

@@ -151,7 +151,9 @@ void adamw_step_multi_cpu(at::TensorList params, at::TensorList grads, at::Tenso
       items.push_back({t, b, std::min(kChunk, params[t].numel() - b)});
   }
   const int64_t nitems = static_cast<int64_t>(items.size());
-#pragma omp parallel for schedule(static) if (nitems >= kMinParallelChunks)
+  // Chunks dealt round-robin: the threads stream through neighbouring memory at any time
+  // (like a parallel loop per param), not through two far-apart halves of the param list.
+#pragma omp parallel for schedule(static, 1) if (nitems >= kMinParallelChunks)
   for (int64_t i = 0; i < nitems; ++i) {
     const Item& it = items[i];
     adamw_range(params[it.t], g[it.t], exp_avgs[it.t].data_ptr<float>(),

@@ -67,6 +67,10 @@ class AdamW(torch.optim.Optimizer):
                  paged_min_numel: int = paged_mod.PAGED_MIN_NUMEL):
         if optim_bits not in (32, 8):
             raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
+        if optim_bits == 8 and backend == "triton":
+            # there is no Triton 8-bit kernel; running another one under that name would hide it
+            raise ValueError("8-bit AdamW has no Triton kernel: use backend='cuda', 'cpu' or "
+                             "'torch' (or None for the device's compiled kernel)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize)
         _check_hyper(defaults)
@@ -202,6 +206,26 @@ class AdamW(torch.optim.Optimizer):
         fn(p, grad, state["exp_avg"], state["exp_avg_sq"], *hyper, step, maximize)
 
     # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict:
+        """torch's state dict; each 8-bit state also carries its two 256-entry code tables
+        (``qmap_m`` signed, ``qmap_v`` unsigned, as bitsandbytes keeps ``qmap1``/``qmap2``), so
+        a checkpoint says how its uint8 moments decode.
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> w = torch.nn.Parameter(torch.randn(5000)); opt = qk.optim.AdamW8bit([w])
+            >>> w.grad = torch.randn(5000); opt.step()
+            >>> [k for k in opt.state_dict()["state"][0] if k.startswith("qmap")]
+            ['qmap_m', 'qmap_v']
+        """
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # torch shares the live dicts
+        for st in sd["state"].values():
+            if "exp_avg_q" in st:
+                st["qmap_m"] = self._code(torch.device("cpu"), True)
+                st["qmap_v"] = self._code(torch.device("cpu"), False)
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict (from this class, or torch.optim.AdamW for 32-bit state) and put
         every state back where a fresh step would: float32 / uint8 on the param's device, in
@@ -235,6 +259,11 @@ class AdamW(torch.optim.Optimizer):
         if saved.get("max_exp_avg_sq") is not None:
             raise ValueError("load_state_dict: the state holds max_exp_avg_sq (amsgrad), "
                              "which this optimizer does not support")
+        for key, signed in (("qmap_m", True), ("qmap_v", False)):
+            if is8 and key in saved and not torch.equal(
+                    torch.as_tensor(saved[key]).float().cpu(), self._code(torch.device("cpu"), signed)):
+                raise ValueError(f"load_state_dict: the checkpoint's 8-bit code table {key} differs "
+                                 f"from this optimizer's dynamic map; its moments would decode wrongly")
         out = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).detach().cpu().clone()}
         nblocks = -(-p.numel() // BLOCKSIZE)
         expect = ({"exp_avg_q": (p.numel(), torch.uint8), "exp_avg_sq_q": (p.numel(), torch.uint8),
