@@ -85,6 +85,11 @@ def main(argv=None) -> dict:
         info["bitsandbytes"] = bnb.__version__
     name = slug(info["device"]) + ("-quick" if args.quick else "")
     results = {"info": info, "quick": args.quick, "sections": {}}
+    path = os.path.join(args.out, f"{name}.json")
+    if args.only and os.path.exists(path):
+        # re-running some sections keeps the earlier results of the others
+        with open(path) as f:
+            results["sections"] = json.load(f).get("sections", {})
     for section in sections:
         t0 = time.perf_counter()
         print(f"== {section}", flush=True)
@@ -104,9 +109,10 @@ def main(argv=None) -> dict:
             os.unlink(tmp)
         results["sections"][section] = data
         print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
-    path = os.path.join(args.out, f"{name}.json")
-    with open(path, "w") as f:
+    tmp_path = path + ".tmp"  # write, then rename: never a half-written results file
+    with open(tmp_path, "w") as f:
         json.dump(results, f, indent=1)
+    os.replace(tmp_path, path)
     print(f"wrote {path}")
     for png in plot_all(results, args.out, name):
         print(f"wrote {png}")

@@ -19,6 +19,12 @@ def test_quick_harness_writes_results_and_plots(tmp_path):
     assert any(r["op"] == "dequantize" and r["x_copy"] > 0 for r in rows)
     assert saved["sections"]["matmul"]["rows"][0]["gemm_ms"] > 0
     assert results["quick"] is True
+    # --only re-runs some sections and keeps the others' earlier results
+    before = saved["sections"]["dq_codes"]
+    main(["--quick", "--out", str(tmp_path), "--only", "ceilings"])
+    again = json.load(open(tmp_path / json_files[0]))
+    assert set(again["sections"]) == set(SECTIONS) and again["sections"]["dq_codes"] == before
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
