@@ -98,7 +98,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)  # the same OpenMP runtime runs our kernels
 
     gen = torch.Generator().manual_seed(0)
-    sizes = lora_sizes(args.numel) if args.layout == "lora" else equal_sizes(args.numel, args.tensors)
+    if args.layout == "lora":
+        sizes = lora_sizes(args.numel)
+    else:
+        sizes = equal_sizes(args.numel, args.tensors)
     init = [torch.randn(n, generator=gen) for n in sizes]
     names = ["torch_fused", "torch_foreach", "qk_adamw"] + ([] if args.skip_8bit else ["qk_adamw8bit"])
     params_by_name = {k: [torch.nn.Parameter(t.clone()) for t in init] for k in names}

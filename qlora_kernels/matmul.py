@@ -45,7 +45,8 @@ GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": 64, "cuda": 4}
 _ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
 
 
-def set_gemv_max_rows(rows: int, device_type: str = "cpu", dtype: Optional[torch.dtype] = None) -> None:
+def set_gemv_max_rows(rows: int, device_type: str = "cpu",
+                      dtype: Optional[torch.dtype] = None) -> None:
     """Override the GEMV/GEMM switch: x with at most ``rows`` rows takes the GEMV path, for x
     of ``dtype`` on ``device_type``, or for every dtype there when ``dtype`` is None.
 

@@ -274,7 +274,8 @@ def test_gemv_threshold_per_dtype(monkeypatch):
     assert mm.gemv_max_rows("cpu", torch.bfloat16) == 64
     assert mm.gemv_max_rows("cpu", torch.float32) == mm.gemv_max_rows("cpu", torch.float16) == 8
     mm.set_gemv_max_rows(3, "cpu", torch.float16)
-    assert mm.gemv_max_rows("cpu", torch.float16) == 3 and mm.gemv_max_rows("cpu", torch.float32) == 8
+    assert mm.gemv_max_rows("cpu", torch.float16) == 3
+    assert mm.gemv_max_rows("cpu", torch.float32) == 8
     mm.set_gemv_max_rows(5, "cpu")  # no dtype: every dtype on the device
     assert mm.gemv_max_rows("cpu", torch.bfloat16) == mm.gemv_max_rows("cpu", torch.float16) == 5
     monkeypatch.setenv("QLORA_KERNELS_GEMV_MAX_ROWS", "11")

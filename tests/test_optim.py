@@ -129,7 +129,8 @@ def test_op_errors_are_clear():
 
 
 def test_schemas_mirror_cpp():
-    for name in ("adamw_step_", "adamw_step_multi_", "adamw8bit_step_", "managed_supported", "managed_empty",
+    for name in ("adamw_step_", "adamw_step_multi_", "adamw8bit_step_", "managed_supported",
+                 "managed_empty",
                  "managed_prefetch_", "is_managed"):
         schema = str(getattr(torch.ops.qlora_kernels, name).default._schema)
         assert schema == "qlora_kernels::" + ops.SCHEMAS[name]
@@ -166,9 +167,9 @@ def test_multi_tensor_op_checks_and_opcheck(rng):
         torch.ops.qlora_kernels.adamw_step_multi_(ps, gs[:-1], ms, vs, 1e-3, 0.9, 0.999, 1e-8,
                                                   0.0, steps, False)
     with pytest.raises((RuntimeError, ValueError), match="exp_avg_sq has 9 elements"):
-        torch.ops.qlora_kernels.adamw_step_multi_(ps[:1] + [torch.randn(10)], gs[:1] + [torch.randn(10)],
-                                                  ms[:1] + [torch.zeros(10)], vs[:1] + [torch.zeros(9)],
-                                                  1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1], False)
+        torch.ops.qlora_kernels.adamw_step_multi_(
+            ps[:1] + [torch.randn(10)], gs[:1] + [torch.randn(10)], ms[:1] + [torch.zeros(10)],
+            vs[:1] + [torch.zeros(9)], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1], False)
     torch.library.opcheck(torch.ops.qlora_kernels.adamw_step_multi_.default,
                           (ps, gs, ms, vs, 1e-3, 0.9, 0.999, 1e-8, 0.01, steps, False))
 

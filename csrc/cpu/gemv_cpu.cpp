@@ -181,7 +181,8 @@ struct Int16Planes {
 QK_AVX2 inline Int16Planes make_int16_planes(const float* code) {
   alignas(16) uint8_t lo[16], hi[16];
   for (int v = 0; v < 16; ++v) {
-    const auto q = static_cast<uint16_t>(static_cast<int16_t>(std::lrint(std::ldexp(code[v], kCodeBits))));
+    const auto i16 = static_cast<int16_t>(std::lrint(std::ldexp(code[v], kCodeBits)));
+    const auto q = static_cast<uint16_t>(i16);
     lo[v] = q & 0xFF;
     hi[v] = q >> 8;
   }
@@ -332,36 +333,37 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   GemvArgs a{nullptr, p.data_ptr<uint8_t>(), nested ? nullptr : am.data_ptr<float>(),
              nested ? am.data_ptr<uint8_t>() : nullptr, nested ? na.data_ptr<float>() : nullptr,
              nested ? nc.data_ptr<float>() : nullptr, static_cast<float>(offset),
-             c.data_ptr<float>(), M, N, K, blocksize, bias.has_value() ? bf.data_ptr<float>() : nullptr,
-             y.data_ptr<float>()};
+             c.data_ptr<float>(), M, N, K, blocksize,
+             bias.has_value() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>()};
+#if defined(__x86_64__)
+  float cmax = 0.0f;  // the codes must fit int16 at 2^14 (NF4/FP4: 1, INT4: 8/7)
+  for (int v = 0; v < 16; ++v) cmax = std::max(cmax, std::fabs(c.data_ptr<float>()[v]));
+  if (has_avx2() && K % blocksize == 0 && x.scalar_type() == at::kBFloat16 &&
+      blocksize % 64 == 0 && cmax < 1.999f) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor q = at::empty({M, K}, x.options().dtype(at::kShort));
+    at::Tensor sc = at::empty({M, K / 64}, x.options().dtype(at::kFloat));
+    if (to_fixed_x(xc, q.data_ptr<int16_t>(), sc.data_ptr<float>())) {
+      gemv_int16_avx2(a, FixedX{q.data_ptr<int16_t>(), sc.data_ptr<float>()});
+      return y.to(x.scalar_type());
+    }
+  }
+#endif
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  a.x = xf.data_ptr<float>();
 #if defined(__x86_64__)
   if (has_avx2() && K % blocksize == 0) {
-    float cmax = 0.0f;  // the codes must fit int16 at 2^14 (NF4/FP4: 1, INT4: 8/7)
-    for (int v = 0; v < 16; ++v) cmax = std::max(cmax, std::fabs(c.data_ptr<float>()[v]));
-    if (x.scalar_type() == at::kBFloat16 && blocksize % 64 == 0 && cmax < 1.999f) {
-      const at::Tensor xc = x.contiguous();
-      at::Tensor q = at::empty({M, K}, x.options().dtype(at::kShort));
-      at::Tensor sc = at::empty({M, K / 64}, x.options().dtype(at::kFloat));
-      if (to_fixed_x(xc, q.data_ptr<int16_t>(), sc.data_ptr<float>())) {
-        gemv_int16_avx2(a, FixedX{q.data_ptr<int16_t>(), sc.data_ptr<float>()});
-        return y.to(x.scalar_type());
-      }
-    }
     // permute x once into the order decode32 produces (per group of 32 elements)
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor xp = at::empty_like(xf);
-    const float* src = xf.data_ptr<float>();
     float* dst = xp.data_ptr<float>();
     for (int64_t r = 0; r < M; ++r)
       for (int64_t k = 0; k < K; ++k)
-        dst[r * K + (k / 32) * 32 + permuted_position(k % 32)] = src[r * K + k];
+        dst[r * K + (k / 32) * 32 + permuted_position(k % 32)] = a.x[r * K + k];
     a.x = dst;
     gemv_avx2(a);
     return y.to(x.scalar_type());
   }
 #endif
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  a.x = xf.data_ptr<float>();
   gemv_scalar(a);
   return y.to(x.scalar_type());
 }

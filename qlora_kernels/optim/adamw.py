@@ -38,11 +38,11 @@ _STATE8 = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
 BLOCKSIZE = reference.OPTIM_BLOCKSIZE
 
 
-
 def _multi_op() -> bool:
     """Whether the compiled CPU multi-tensor AdamW kernel is there (not the reference)."""
     return _extension.EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
         "qlora_kernels::adamw_step_multi_", "CPU")
+
 
 class AdamW(torch.optim.Optimizer):
     """AdamW with a fused update kernel.
@@ -260,10 +260,12 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError("load_state_dict: the state holds max_exp_avg_sq (amsgrad), "
                              "which this optimizer does not support")
         for key, signed in (("qmap_m", True), ("qmap_v", False)):
-            if is8 and key in saved and not torch.equal(
-                    torch.as_tensor(saved[key]).float().cpu(), self._code(torch.device("cpu"), signed)):
-                raise ValueError(f"load_state_dict: the checkpoint's 8-bit code table {key} differs "
-                                 f"from this optimizer's dynamic map; its moments would decode wrongly")
+            ours = self._code(torch.device("cpu"), signed)
+            if is8 and key in saved and not torch.equal(torch.as_tensor(saved[key]).float().cpu(),
+                                                        ours):
+                raise ValueError(f"load_state_dict: the checkpoint's 8-bit code table {key} "
+                                 f"differs from this optimizer's dynamic map; its moments would "
+                                 f"decode wrongly")
         out = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).detach().cpu().clone()}
         nblocks = -(-p.numel() // BLOCKSIZE)
         expect = ({"exp_avg_q": (p.numel(), torch.uint8), "exp_avg_sq_q": (p.numel(), torch.uint8),
