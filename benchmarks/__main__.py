@@ -24,6 +24,7 @@ from benchmarks import (bench_dq_codes, bench_lora, bench_matmul, bench_optim,  
                         bench_quantize, bench_train_step)
 from benchmarks.plots import plot_all  # noqa: E402
 from benchmarks.timing import copy_time, device_info, median_time, optional_bitsandbytes  # noqa: E402
+from qlora_kernels.serialization import atomic_write  # noqa: E402
 
 SECTIONS = ("ceilings", "quantize", "matmul", "dq_codes", "lora", "optim", "train_step")
 
@@ -109,10 +110,11 @@ def main(argv=None) -> dict:
             os.unlink(tmp)
         results["sections"][section] = data
         print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
-    tmp_path = path + ".tmp"  # write, then rename: never a half-written results file
-    with open(tmp_path, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp_path, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+
+    atomic_write(path, write)  # never a half-written results file
     print(f"wrote {path}")
     for png in plot_all(results, args.out, name):
         print(f"wrote {png}")

@@ -45,6 +45,10 @@ GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": 64, "cuda": 4}
 _ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
 
 
+def _dtype_key(device_type: str, dtype: torch.dtype) -> str:
+    return f"{device_type}:{str(dtype).removeprefix('torch.')}"  # e.g. "cpu:bfloat16"
+
+
 def set_gemv_max_rows(rows: int, device_type: str = "cpu",
                       dtype: Optional[torch.dtype] = None) -> None:
     """Override the GEMV/GEMM switch: x with at most ``rows`` rows takes the GEMV path, for x
@@ -63,7 +67,7 @@ def set_gemv_max_rows(rows: int, device_type: str = "cpu",
             del GEMV_MAX_ROWS[key]
         GEMV_MAX_ROWS[device_type] = int(rows)
     else:
-        GEMV_MAX_ROWS[f"{device_type}:{str(dtype).removeprefix('torch.')}"] = int(rows)
+        GEMV_MAX_ROWS[_dtype_key(device_type, dtype)] = int(rows)
 
 
 def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
@@ -77,10 +81,8 @@ def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
     env = os.environ.get(_ENV)
     if env:
         return int(env)
-    if dtype is not None:
-        key = f"{device_type}:{str(dtype).removeprefix('torch.')}"
-        if key in GEMV_MAX_ROWS:
-            return GEMV_MAX_ROWS[key]
+    if dtype is not None and _dtype_key(device_type, dtype) in GEMV_MAX_ROWS:
+        return GEMV_MAX_ROWS[_dtype_key(device_type, dtype)]
     return GEMV_MAX_ROWS.get(device_type, 8)
 
 
@@ -134,7 +136,7 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
     m = x2.shape[0]
     if m <= gemv_max_rows(x.device.type, x.dtype):
         # x in its own dtype: the kernel accumulates in float32 (bias included) and rounds
-        # once; with bf16 x the CPU kernel decodes the code table at bf16 precision
+        # once; with bf16 x the CPU kernel works in block fixed point (csrc/cpu/gemv_cpu.cpp)
         y = torch.ops.qlora_kernels.gemv_4bit(x2, packed, absmax, code, blocksize, out_features,
                                               nested_absmax, nested_code, offset, bias)
         return y.view(*x.shape[:-1], out_features)
