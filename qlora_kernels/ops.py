@@ -62,8 +62,8 @@ SCHEMAS = {
     ),
     "adamw_step_multi_": (
         "adamw_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
-        "float weight_decay, int[] steps, bool maximize) -> ()"
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, float lr, float beta1, "
+        "float beta2, float eps, float weight_decay, bool maximize) -> ()"
     ),
     "adamw8bit_step_": (
         "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) qm, Tensor(c!) absmax_m, "
@@ -180,8 +180,8 @@ def _adamw_step_fake(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, we
 
 
 @torch.library.register_fake("qlora_kernels::adamw_step_multi_")
-def _adamw_step_multi_fake(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
-                           weight_decay, steps, maximize):
+def _adamw_step_multi_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
+                           eps, weight_decay, maximize):
     return None
 
 

@@ -145,33 +145,64 @@ def _multi_case(rng):
     gs = [torch.randn(n, generator=rng).to(dt) for n, dt in zip(sizes, dtypes)]
     ms = [torch.randn(n, generator=rng) * 0.1 for n in sizes]
     vs = [torch.rand(n, generator=rng) * 0.01 for n in sizes]
-    return ps, gs, ms, vs, [3, 1, 7, 2, 100]
+    counters = [torch.tensor(float(c)) for c in (2, 0, 6, 1, 99)]  # counted before use
+    return ps, gs, ms, vs, counters
 
 
 @pytest.mark.parametrize("maximize", [False, True])
 def test_multi_tensor_op_equals_per_param_op(rng, maximize):
-    ps, gs, ms, vs, steps = _multi_case(rng)
+    ps, gs, ms, vs, counters = _multi_case(rng)
     one = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    before = [int(c) for c in counters]
     hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01)
-    torch.ops.qlora_kernels.adamw_step_multi_(ps, gs, ms, vs, *hyper, steps, maximize)
-    for i, step in enumerate(steps):
-        torch.ops.qlora_kernels.adamw_step_(one[0][i], gs[i], one[1][i], one[2][i], *hyper, step,
+    torch.ops.qlora_kernels.adamw_step_multi_(ps, gs, ms, vs, counters, *hyper, maximize)
+    assert [float(c) for c in counters] == [b + 1.0 for b in before]  # each counted once
+    for i, b in enumerate(before):
+        torch.ops.qlora_kernels.adamw_step_(one[0][i], gs[i], one[1][i], one[2][i], *hyper, b + 1,
                                             maximize)
     for got, want in zip(ps + ms + vs, one[0] + one[1] + one[2]):
         assert torch.equal(got, want)  # the same element updates: the same bits
 
 
-def test_multi_tensor_op_checks_and_opcheck(rng):
-    ps, gs, ms, vs, steps = _multi_case(rng)
+def test_multi_tensor_op_matches_reference(rng):
+    ps, gs, ms, vs, counters = _multi_case(rng)
+    mine = [[t.clone() for t in ts] for ts in (ps, ms, vs, counters)]
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01)
+    torch.ops.qlora_kernels.adamw_step_multi_(ps, gs, ms, vs, counters, *hyper, False)
+    reference.adamw_step_multi_(mine[0], gs, mine[1], mine[2], mine[3], *hyper, False)
+    assert [float(c) for c in counters] == [float(c) for c in mine[3]]
+    for got, want in zip(ps + ms + vs, mine[0] + mine[1] + mine[2]):
+        # float32 params: IEEE sqrt here vs torch's CPU sqrt there (an ulp); half params round
+        tol = 1e-6 if got.dtype == torch.float32 else 1e-2
+        assert rel_err(got.float(), want.float()) < tol
+
+
+@pytest.mark.parametrize("fn", ["native", "reference"])
+def test_multi_tensor_op_checks_and_writes_nothing_on_error(rng, fn):
+    op = (torch.ops.qlora_kernels.adamw_step_multi_ if fn == "native"
+          else reference.adamw_step_multi_)
+    ps, gs, ms, vs, counters = _multi_case(rng)
+    saved = [[t.clone() for t in ts] for ts in (ps, ms, vs, counters)]
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0)
     with pytest.raises((RuntimeError, ValueError), match="same length"):
-        torch.ops.qlora_kernels.adamw_step_multi_(ps, gs[:-1], ms, vs, 1e-3, 0.9, 0.999, 1e-8,
-                                                  0.0, steps, False)
-    with pytest.raises((RuntimeError, ValueError), match="exp_avg_sq has 9 elements"):
-        torch.ops.qlora_kernels.adamw_step_multi_(
-            ps[:1] + [torch.randn(10)], gs[:1] + [torch.randn(10)], ms[:1] + [torch.zeros(10)],
-            vs[:1] + [torch.zeros(9)], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1], False)
+        op(ps, gs[:-1], ms, vs, counters, *hyper, False)
+    bad_vs = vs[:-1] + [torch.zeros(vs[-1].numel() - 1)]
+    with pytest.raises((RuntimeError, ValueError), match=f"exp_avg_sq has {bad_vs[-1].numel()} "):
+        op(ps, gs, ms, bad_vs, counters, *hyper, False)
+    for bad, what in ((torch.tensor(1, dtype=torch.int64), "float32"),
+                      (torch.zeros(2), "one-element"), (torch.tensor(2.5), "not a step count"),
+                      (torch.tensor(-1.0), "not a step count")):
+        with pytest.raises((RuntimeError, ValueError), match=what):
+            op(ps, gs, ms, vs, counters[:-1] + [bad], *hyper, False)
+    # the bad tensor was the last one: nothing before it may have been touched
+    for got, want in zip(ps + ms + vs + counters, saved[0] + saved[1] + saved[2] + saved[3]):
+        assert torch.equal(got, want)
+
+
+def test_multi_tensor_op_opcheck(rng):
+    ps, gs, ms, vs, counters = _multi_case(rng)
     torch.library.opcheck(torch.ops.qlora_kernels.adamw_step_multi_.default,
-                          (ps, gs, ms, vs, 1e-3, 0.9, 0.999, 1e-8, 0.01, steps, False))
+                          (ps, gs, ms, vs, counters, 1e-3, 0.9, 0.999, 1e-8, 0.01, False))
 
 
 def test_optimizer_with_many_small_params_matches_torch(rng):

@@ -149,37 +149,36 @@ class AdamW(torch.optim.Optimizer):
             hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                      float(group["weight_decay"]))
             maximize = bool(group["maximize"])
-            params = []
+            batch, others = [], []  # 32-bit CPU params for the multi-tensor op; the rest
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._init_state(p))
-                params.append(p)
-            if not params:
-                continue
-            counters = [self.state[p]["step"] for p in params]
-            torch._foreach_add_(counters, 1)  # one call, not one tiny op per param
-            steps = [int(c) for c in torch.stack(counters).tolist()]
-            batch = []  # 32-bit CPU params for the multi-tensor op
-            for p, step in zip(params, steps):
-                state, dev = self.state[p], p.device.type
+                dev = p.device.type
                 if dev not in names:
                     names[dev] = self._backend_name(p.device)
-                if dev == "cpu" and "exp_avg" in state and names[dev] == "cpu" and multi:
-                    batch.append((p, step))
+                if multi and dev == "cpu" and names[dev] == "cpu" and "exp_avg" in state:
+                    batch.append((p, grad, state))
                 else:
-                    self._update(p, p.grad, state, hyper, step, maximize)
+                    others.append((p, grad, state))
             if batch:
-                # one call for all of them: per-param calls cost ~20 us each in Python
-                ps = [p for p, _ in batch]
+                # one call for all of them, step counters included: per-param calls cost
+                # ~20 us each in Python, and counting 113 CPU scalars with a foreach add ~0.4 ms
                 torch.ops.qlora_kernels.adamw_step_multi_(
-                    ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps],
-                    [self.state[p]["exp_avg_sq"] for p in ps], *hyper, [st for _, st in batch],
-                    maximize)
+                    [p for p, _, _ in batch], [g for _, g, _ in batch],
+                    [st["exp_avg"] for _, _, st in batch], [st["exp_avg_sq"] for _, _, st in batch],
+                    [st["step"] for _, _, st in batch], *hyper, maximize)
+            if others:
+                counters = [st["step"] for _, _, st in others]
+                torch._foreach_add_(counters, 1)  # one call, not one tiny op per param
+                steps = [int(c) for c in torch.stack(counters).tolist()]
+                for (p, grad, state), step in zip(others, steps):
+                    self._update(p, grad, state, hyper, step, maximize)
         return loss
 
     def _update(self, p, grad, state, hyper, step: int, maximize: bool) -> None:

@@ -43,9 +43,7 @@ def _flat_inplace(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.view(-1)
 
 
-def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2: float,
-                eps: float, weight_decay: float, step: int, maximize: bool) -> None:
-    """One AdamW step in place on param, exp_avg, exp_avg_sq (float32 state)."""
+def _check_adamw_args(param, grad, exp_avg, exp_avg_sq, step: int) -> None:
     if step < 1:
         raise ValueError(f"adamw_step_: step must be >= 1 (count it before the update), got {step}")
     if grad.dtype != param.dtype or grad.numel() != param.numel():
@@ -55,6 +53,15 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2
         if t.dtype != torch.float32 or t.numel() != param.numel():
             raise ValueError(f"adamw_step_: {name} has {t.numel()} elements, dtype {t.dtype}; "
                              f"expected float32 with {param.numel()} elements")
+    for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+
+
+def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, step: int, maximize: bool) -> None:
+    """One AdamW step in place on param, exp_avg, exp_avg_sq (float32 state)."""
+    _check_adamw_args(param, grad, exp_avg, exp_avg_sq, step)
     p_flat = _flat_inplace(param, "param")
     p = p_flat if param.dtype == torch.float32 else p_flat.float()
     g = grad.reshape(-1).float()
@@ -72,15 +79,40 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2
         p_flat.copy_(p)
 
 
-def adamw_step_multi_(params, grads, exp_avgs, exp_avg_sqs, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, steps, maximize: bool) -> None:
-    """``adamw_step_`` for each param in turn; ``steps[i]`` is ``params[i]``'s step count."""
+def adamw_step_multi_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float,
+                      maximize: bool) -> None:
+    """``adamw_step_`` for each param in turn. ``state_steps[i]`` is ``params[i]``'s float32
+    step counter (torch's state layout); each is counted by one, then used, as torch does.
+
+    Example:
+        >>> import torch
+        >>> p, st = torch.zeros(3), torch.tensor(0.0)
+        >>> adamw_step_multi_([p], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], [st],
+        ...                   0.5, 0.9, 0.999, 1e-8, 0.0, False)
+        >>> ([round(x, 4) for x in p.tolist()], float(st))
+        ([-0.5, -0.5, -0.5], 1.0)
+    """
     n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
-        raise ValueError(f"adamw_step_multi_: params, grads, exp_avgs, exp_avg_sqs and steps must "
-                         f"have the same length, got {n}, {len(grads)}, {len(exp_avgs)}, "
-                         f"{len(exp_avg_sqs)}, {len(steps)}")
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
+        raise ValueError(f"adamw_step_multi_: params, grads, exp_avgs, exp_avg_sqs and "
+                         f"state_steps must have the same length, got {n}, {len(grads)}, "
+                         f"{len(exp_avgs)}, {len(exp_avg_sqs)}, {len(state_steps)}")
+    counts = []
+    for i, st in enumerate(state_steps):  # every check before any write, as the kernel
+        if st.device.type != "cpu" or st.dtype != torch.float32 or st.numel() != 1:
+            raise ValueError(f"adamw_step_multi_: state_steps[{i}] must be a one-element "
+                             f"float32 CPU tensor (torch's step counter), got {st.dtype} with "
+                             f"{st.numel()} elements on {st.device}")
+        count = float(st)
+        if not (0 <= count < 2 ** 24 and count == int(count)):
+            raise ValueError(f"adamw_step_multi_: state_steps[{i}] holds {count}, not a step "
+                             f"count (a whole number in [0, 2^24))")
+        counts.append(int(count) + 1)
+        _check_adamw_args(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], counts[-1])
+    for st, step in zip(state_steps, counts):
+        st.fill_(step)
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, counts):
         adamw_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, maximize)
 
 
