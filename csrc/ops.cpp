@@ -75,9 +75,9 @@ TORCH_LIBRARY(qlora_kernels, m) {
   m.def("adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
         "bool maximize) -> ()");
-  // adamw_step_ over many params in one call (one OpenMP team over all their chunks).
-  // state_steps[i] is params[i]'s float32 step counter: counted by one, then used. CPU only:
-  // on GPUs the optimizer launches per param.
+  // adamw_step_ over many params in one call (CPU: one OpenMP team over all their chunks;
+  // CUDA: a few launches for all of them). state_steps[i] is params[i]'s float32 CPU step
+  // counter (torch's state layout): counted by one, then used.
   m.def("adamw_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, float lr, float beta1, "
         "float beta2, float eps, float weight_decay, bool maximize) -> ()");

@@ -411,6 +411,38 @@ def test_cuda_adamw_matches_torch(backend):
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_multi_tensor_op_matches_per_param_and_cpu():
+    if not _extension.cuda_kernels_built():
+        pytest.skip("extension built without CUDA kernels")
+    gen = torch.Generator().manual_seed(5)
+    # 60 params (the launch table holds 24), one over two launches (320 chunks of 16384)
+    sizes = [1 + (i * 7919) % 40000 for i in range(57)] + [320 * 16384 + 3, 0, 65]
+    dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(sizes))]
+    ps = [torch.randn(n, generator=gen).to(dt) for n, dt in zip(sizes, dtypes)]
+    gs = [torch.randn(n, generator=gen).to(dt) for n, dt in zip(sizes, dtypes)]
+    ms = [torch.randn(n, generator=gen) * 0.1 for n in sizes]
+    vs = [torch.rand(n, generator=gen) * 0.01 for n in sizes]
+    counts = [float(i % 5) for i in range(len(sizes))]
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.01)
+    multi = [[t.cuda() for t in ts] for ts in (ps, gs, ms, vs)]
+    single = [[t.cuda() for t in ts] for ts in (ps, ms, vs)]
+    cpu = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    steps = [torch.tensor(c) for c in counts]
+    torch.ops.qlora_kernels.adamw_step_multi_(*multi, steps, *hyper, False)
+    assert [float(c) for c in steps] == [c + 1 for c in counts]
+    torch.ops.qlora_kernels.adamw_step_multi_(cpu[0], gs, cpu[1], cpu[2],
+                                              [torch.tensor(c) for c in counts], *hyper, False)
+    for i, c in enumerate(counts):
+        torch.ops.qlora_kernels.adamw_step_(single[0][i], multi[1][i], single[1][i],
+                                            single[2][i], *hyper, int(c) + 1, False)
+    got = multi[0] + multi[2] + multi[3]
+    for a, b, c in zip(got, single[0] + single[1] + single[2], cpu[0] + cpu[1] + cpu[2]):
+        assert torch.equal(a, b)  # the same kernel math per element
+        assert torch.equal(a.cpu(), c)  # and the same IEEE operations as the CPU kernel
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_8bit_matches_cpu_kernel():
     gen = torch.Generator().manual_seed(4)
     n = 333 * 77

@@ -133,27 +133,8 @@ void adamw_step_multi_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           double beta1, double beta2, double eps, double weight_decay,
                           bool maximize) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  state_steps.size() == n,
-              "adamw_step_multi_: params, grads, exp_avgs, exp_avg_sqs and state_steps must have "
-              "the same length, got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ",
-              exp_avg_sqs.size(), ", ", state_steps.size());
-  // Every check before any write: a bad tensor must not leave some counters bumped.
-  std::vector<int64_t> steps(n);
-  for (size_t t = 0; t < n; ++t) {
-    const at::Tensor& st = state_steps[t];
-    TORCH_CHECK(st.device().is_cpu() && st.scalar_type() == at::kFloat && st.numel() == 1,
-                "adamw_step_multi_: state_steps[", t, "] must be a one-element float32 CPU "
-                "tensor (torch's step counter), got ", st.scalar_type(), " with ", st.numel(),
-                " elements on ", st.device());
-    const float count = *st.data_ptr<float>();
-    TORCH_CHECK(count >= 0.0f && count < 16777216.0f && count == std::floor(count),
-                "adamw_step_multi_: state_steps[", t, "] holds ", count,
-                ", not a step count (a whole number in [0, 2^24))");
-    steps[t] = static_cast<int64_t>(count) + 1;
-    qk_optim::check_adamw32(params[t], grads[t], exp_avgs[t], exp_avg_sqs[t], lr, beta1, beta2,
-                            eps, steps[t]);
-  }
+  const std::vector<int64_t> steps = qk_optim::check_adamw32_multi(
+      params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps);
   struct Item {
     size_t t;
     int64_t begin, len;

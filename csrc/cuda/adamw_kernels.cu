@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "adamw_kernels.cuh"
+#include "adamw_multi_pack.h"
 #include "qk_device.cuh"  // to_f32 / from_f32
 #include "qk_format.h"
 
@@ -24,6 +25,31 @@ __global__ void adamw32_kernel(T* __restrict__ p, const T* __restrict__ g, float
                                float* __restrict__ v, int64_t n, qk::AdamWScalars s) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float pf = to_f32(p[i]), mf = m[i], vf = v[i];
+    qk::adamw_update(pf, to_f32(g[i]), mf, vf, s);
+    p[i] = from_f32<T>(pf);
+    m[i] = mf;
+    v[i] = vf;
+  }
+}
+
+// adamw32_multi_kernel: adamw32_kernel over many params in one launch (a LoRA model has
+// hundreds: one launch each would cost more than the step). The arguments (MultiArgs,
+// adamw_multi_pack.h) carry up to kMultiTensors params and kMultiBlocks (param, chunk)
+// pairs; block b updates chunk chunk[b] (kMultiChunk elements) of param tensor[b].
+// Launch: block 256 threads, grid = the pairs of this launch (<= kMultiBlocks); one thread
+// per element per iteration, 64 iterations.
+template <typename T>
+__global__ void adamw32_multi_kernel(const __grid_constant__ MultiArgs a) {
+  const int t = a.tensor[blockIdx.x];
+  const int64_t begin = (int64_t)a.chunk[blockIdx.x] * kMultiChunk;
+  const int64_t end = min(begin + kMultiChunk, a.n[t]);
+  T* __restrict__ p = (T*)a.p[t];
+  const T* __restrict__ g = (const T*)a.g[t];
+  float* __restrict__ m = a.m[t];
+  float* __restrict__ v = a.v[t];
+  const qk::AdamWScalars s = a.s[t];
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     float pf = to_f32(p[i]), mf = m[i], vf = v[i];
     qk::adamw_update(pf, to_f32(g[i]), mf, vf, s);
     p[i] = from_f32<T>(pf);
@@ -103,6 +129,18 @@ cudaError_t launch32(void* p, const void* g, float* m, float* v, int64_t n,
 }
 
 template <typename T>
+cudaError_t launch32_multi(int64_t count, void* const* p, const void* const* g, float* const* m,
+                           float* const* v, const int64_t* n, const qk::AdamWScalars* s,
+                           cudaStream_t stream) {
+  auto launch = [stream](const MultiArgs& a, int nblocks) {
+    adamw32_multi_kernel<T><<<nblocks, kThreads, 0, stream>>>(a);
+    return (int)cudaGetLastError();
+  };
+  const int res = pack_adamw32_multi(count, p, g, m, v, n, s, launch);
+  return res < 0 ? cudaErrorInvalidValue : (cudaError_t)res;
+}
+
+template <typename T>
 cudaError_t launch8(void* p, const void* g, uint8_t* qm, float* am, uint8_t* qv, float* av,
                     const float* cm, const float* cv, int64_t n, const qk::AdamWScalars& s,
                     cudaStream_t stream) {
@@ -122,6 +160,17 @@ cudaError_t launch_adamw32(int ptype, void* p, const void* g, float* m, float* v
     case kF32: return launch32<float>(p, g, m, v, n, s, stream);
     case kF16: return launch32<__half>(p, g, m, v, n, s, stream);
     case kBF16: return launch32<__nv_bfloat16>(p, g, m, v, n, s, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_adamw32_multi(int ptype, int64_t count, void* const* p, const void* const* g,
+                                 float* const* m, float* const* v, const int64_t* n,
+                                 const qk::AdamWScalars* s, cudaStream_t stream) {
+  switch (ptype) {
+    case kF32: return launch32_multi<float>(count, p, g, m, v, n, s, stream);
+    case kF16: return launch32_multi<__half>(count, p, g, m, v, n, s, stream);
+    case kBF16: return launch32_multi<__nv_bfloat16>(count, p, g, m, v, n, s, stream);
     default: return cudaErrorInvalidValue;
   }
 }

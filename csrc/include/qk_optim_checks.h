@@ -1,8 +1,12 @@
-// Argument checks of the optimizer ops (adamw_step_, adamw8bit_step_), shared by the CPU
-// kernels (csrc/cpu/adamw_cpu.cpp) and the CUDA binding (csrc/cuda/adamw_binding.cpp) so that
-// both reject bad input with the same messages. Needs ATen (unlike qk_format.h / qk_adamw.h).
+// Argument checks of the optimizer ops (adamw_step_, adamw_step_multi_, adamw8bit_step_),
+// shared by the CPU kernels (csrc/cpu/adamw_cpu.cpp) and the CUDA binding
+// (csrc/cuda/adamw_binding.cpp) so that both reject bad input with the same messages.
+// Needs ATen (unlike qk_format.h / qk_adamw.h).
 #pragma once
 #include <ATen/ATen.h>
+
+#include <cmath>
+#include <vector>
 
 #include "qk_adamw.h"
 
@@ -64,6 +68,39 @@ inline void check_adamw8bit(const at::Tensor& param, const at::Tensor& grad, con
   check_state(param, absmax_v, at::kFloat, nblocks, op, "absmax_v (one per 256 elements)");
   check_state(param, code_m, at::kFloat, 256, op, "code_m");
   check_state(param, code_v, at::kFloat, 256, op, "code_v");
+}
+
+// adamw_step_multi_ (CPU and CUDA): equal list lengths, every param's checks, and the step
+// counters, each a one-element float32 CPU tensor (torch's state layout) holding a whole
+// count. Returns each param's step for this update (count + 1). Writes nothing, so a bad
+// tensor anywhere in the lists leaves every counter and param as it was.
+inline std::vector<int64_t> check_adamw32_multi(at::TensorList params, at::TensorList grads,
+                                                at::TensorList exp_avgs,
+                                                at::TensorList exp_avg_sqs,
+                                                at::TensorList state_steps, double lr,
+                                                double beta1, double beta2, double eps) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  state_steps.size() == n,
+              "adamw_step_multi_: params, grads, exp_avgs, exp_avg_sqs and state_steps must have "
+              "the same length, got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ",
+              exp_avg_sqs.size(), ", ", state_steps.size());
+  std::vector<int64_t> steps(n);
+  for (size_t t = 0; t < n; ++t) {
+    const at::Tensor& st = state_steps[t];
+    TORCH_CHECK(st.device().is_cpu() && st.scalar_type() == at::kFloat && st.numel() == 1,
+                "adamw_step_multi_: state_steps[", t, "] must be a one-element float32 CPU "
+                "tensor (torch's step counter), got ", st.scalar_type(), " with ", st.numel(),
+                " elements on ", st.device());
+    const float count = *st.data_ptr<float>();
+    TORCH_CHECK(count >= 0.0f && count < 16777216.0f && count == std::floor(count),
+                "adamw_step_multi_: state_steps[", t, "] holds ", count,
+                ", not a step count (a whole number in [0, 2^24))");
+    steps[t] = static_cast<int64_t>(count) + 1;
+    check_adamw32(params[t], grads[t], exp_avgs[t], exp_avg_sqs[t], lr, beta1, beta2, eps,
+                  steps[t]);
+  }
+  return steps;
 }
 
 }  // namespace qk_optim

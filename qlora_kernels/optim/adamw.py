@@ -38,10 +38,13 @@ _STATE8 = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
 BLOCKSIZE = reference.OPTIM_BLOCKSIZE
 
 
-def _multi_op() -> bool:
-    """Whether the compiled CPU multi-tensor AdamW kernel is there (not the reference)."""
-    return _extension.EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "qlora_kernels::adamw_step_multi_", "CPU")
+def _multi_op(device_type: str) -> bool:
+    """Whether a compiled multi-tensor AdamW kernel is there for ``device_type`` ("cpu" or
+    "cuda"; not the reference, which runs one param at a time anyway)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return (key is not None and _extension.EXTENSION_LOADED and
+            torch._C._dispatch_has_kernel_for_dispatch_key("qlora_kernels::adamw_step_multi_",
+                                                           key))
 
 
 class AdamW(torch.optim.Optimizer):
@@ -142,14 +145,13 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        names = {}  # backend per device type, resolved once per step
-        multi = _multi_op()
+        names, multi = {}, {}  # per device type, resolved once per step
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                      float(group["weight_decay"]))
             maximize = bool(group["maximize"])
-            batch, others = [], []  # 32-bit CPU params for the multi-tensor op; the rest
+            batches, others = {}, []  # 32-bit params per device for the multi-tensor op; the rest
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -162,17 +164,13 @@ class AdamW(torch.optim.Optimizer):
                 dev = p.device.type
                 if dev not in names:
                     names[dev] = self._backend_name(p.device)
-                if multi and dev == "cpu" and names[dev] == "cpu" and "exp_avg" in state:
-                    batch.append((p, grad, state))
+                    multi[dev] = names[dev] == dev and _multi_op(dev)
+                if multi[dev] and "exp_avg" in state:
+                    batches.setdefault(p.device, []).append((p, grad, state))
                 else:
                     others.append((p, grad, state))
-            if batch:
-                # one call for all of them, step counters included: per-param calls cost
-                # ~20 us each in Python, and counting 113 CPU scalars with a foreach add ~0.4 ms
-                torch.ops.qlora_kernels.adamw_step_multi_(
-                    [p for p, _, _ in batch], [g for _, g, _ in batch],
-                    [st["exp_avg"] for _, _, st in batch], [st["exp_avg_sq"] for _, _, st in batch],
-                    [st["step"] for _, _, st in batch], *hyper, maximize)
+            for device, batch in batches.items():
+                self._update_many(device, batch, hyper, maximize)
             if others:
                 counters = [st["step"] for _, _, st in others]
                 torch._foreach_add_(counters, 1)  # one call, not one tiny op per param
@@ -180,6 +178,19 @@ class AdamW(torch.optim.Optimizer):
                 for (p, grad, state), step in zip(others, steps):
                     self._update(p, grad, state, hyper, step, maximize)
         return loss
+
+    def _update_many(self, device, batch, hyper, maximize: bool) -> None:
+        """One multi-tensor call for the 32-bit params of one device, step counters included:
+        per-param calls cost ~20 us each in Python (and a launch each on GPUs), and counting
+        113 CPU scalars with a foreach add ~0.4 ms."""
+        if self.paged:
+            for _, _, st in batch:
+                for key in _STATE32:
+                    paged_mod.prefetch_(st[key], device)
+        torch.ops.qlora_kernels.adamw_step_multi_(
+            [p for p, _, _ in batch], [g for _, g, _ in batch],
+            [st["exp_avg"] for _, _, st in batch], [st["exp_avg_sq"] for _, _, st in batch],
+            [st["step"] for _, _, st in batch], *hyper, maximize)
 
     def _update(self, p, grad, state, hyper, step: int, maximize: bool) -> None:
         if self.paged:
