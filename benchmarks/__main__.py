@@ -50,7 +50,7 @@ def ceilings(device: str, quick: bool) -> dict:
 
 def _section_argv(name: str, quick: bool, device: str, tmp: str) -> list:
     argv = ["--json", tmp]
-    if name in ("quantize", "matmul", "train_step"):
+    if name in ("quantize", "matmul", "optim", "train_step"):
         argv += ["--device", device]
     if quick:
         argv += {"quantize": ["--quick"], "matmul": ["--quick"], "dq_codes": ["--quick"],

@@ -55,3 +55,12 @@ def test_bitsandbytes_rows_when_installed(tmp_path, single_thread):
     except ImportError:
         return
     assert plot_all({"sections": {"matmul": mm, "quantize": q}}, str(tmp_path), "bnb")
+
+
+def test_bench_optim_times_every_optimizer_of_the_device():
+    from benchmarks import bench_optim
+
+    res = bench_optim.main(["--numel", "300000", "--rounds", "2", "--warmup", "1"])
+    assert set(res["median_ms"]) == {"torch_fused", "torch_foreach", "qk_adamw", "qk_adamw8bit"}
+    assert all(len(v) == 2 and min(v) > 0 for v in res["all_ms"].values())
+    assert res["device"] == "cpu" and res["managed_states"] == {}  # paged rows: CUDA only
