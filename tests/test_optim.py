@@ -415,7 +415,7 @@ def test_cuda_multi_tensor_op_matches_per_param_and_cpu():
     if not _extension.cuda_kernels_built():
         pytest.skip("extension built without CUDA kernels")
     gen = torch.Generator().manual_seed(5)
-    # 60 params (the launch table holds 24), one over two launches (320 chunks of 16384)
+    # 60 params (a launch takes 40), a large one (321 CUDA blocks of 16384), an empty one
     sizes = [1 + (i * 7919) % 40000 for i in range(57)] + [320 * 16384 + 3, 0, 65]
     dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(sizes))]
     ps = [torch.randn(n, generator=gen).to(dt) for n, dt in zip(sizes, dtypes)]

@@ -35,14 +35,14 @@ __global__ void adamw32_kernel(T* __restrict__ p, const T* __restrict__ g, float
 
 // adamw32_multi_kernel: adamw32_kernel over many params in one launch (a LoRA model has
 // hundreds: one launch each would cost more than the step). The arguments (MultiArgs,
-// adamw_multi_pack.h) carry up to kMultiTensors params and kMultiBlocks (param, chunk)
-// pairs; block b updates chunk chunk[b] (kMultiChunk elements) of param tensor[b].
-// Launch: block 256 threads, grid = the pairs of this launch (<= kMultiBlocks); one thread
-// per element per iteration, 64 iterations.
+// adamw_multi_pack.h) carry up to kMultiTensors params; block b finds its param t by
+// block_start and updates the (b - block_start[t])-th kMultiChunk elements of it.
+// Launch: block 256 threads, grid = the chunks of this launch's params; one thread per
+// element per iteration, 64 iterations.
 template <typename T>
 __global__ void adamw32_multi_kernel(const __grid_constant__ MultiArgs a) {
-  const int t = a.tensor[blockIdx.x];
-  const int64_t begin = (int64_t)a.chunk[blockIdx.x] * kMultiChunk;
+  const int t = multi_param_of_block(a, (int)blockIdx.x);
+  const int64_t begin = (int64_t)((int)blockIdx.x - a.block_start[t]) * kMultiChunk;
   const int64_t end = min(begin + kMultiChunk, a.n[t]);
   T* __restrict__ p = (T*)a.p[t];
   const T* __restrict__ g = (const T*)a.g[t];

@@ -1,4 +1,4 @@
-// Host check of csrc/cuda/adamw_multi_pack.h, the packing of the multi-tensor AdamW launches,
+// Host check of csrc/cuda/adamw_multi_pack.h, the packing of the multi-tensor AdamW launches
 // on machines without a GPU: a stand-in "launch" runs each block's chunk on the CPU the way
 // adamw32_multi_kernel does, and the results must equal a plain per-element loop bit for bit,
 // with every element updated exactly once. Built and run by tests/test_adamw_multi_pack.py.
@@ -58,10 +58,12 @@ int run_case(const std::vector<int64_t>& sizes, unsigned seed, int* launches_out
   int launches = 0, bad = 0;
   auto launch = [&](const qk_cuda::MultiArgs& a, int nblocks) {
     ++launches;
-    if (nblocks < 1 || nblocks > qk_cuda::kMultiBlocks) return bad = fail("nblocks", nblocks, 0);
+    if (a.count < 1 || a.count > qk_cuda::kMultiTensors) return bad = fail("count", a.count, 0);
+    if (a.block_start[0] != 0 || a.block_start[a.count] != nblocks)
+      return bad = fail("block_start ends", a.block_start[0], a.block_start[a.count]);
     for (int b = 0; b < nblocks; ++b) {  // what block b of adamw32_multi_kernel does
-      const int t = a.tensor[b];
-      if (t >= qk_cuda::kMultiTensors) return bad = fail("param slot", t, b);
+      const int t = qk_cuda::multi_param_of_block(a, b);
+      if (t < 0 || t >= a.count) return bad = fail("param slot", t, b);
       // the slot must name one of our params, whole: pointers, size and scalars together
       size_t k = 0;
       while (k < ps.size() && ps[k].p.data() != a.p[t]) ++k;
@@ -70,9 +72,9 @@ int run_case(const std::vector<int64_t>& sizes, unsigned seed, int* launches_out
       if (a.g[t] != q.g.data() || a.m[t] != q.m.data() || a.v[t] != q.v.data() ||
           a.n[t] != (int64_t)q.p.size() || std::memcmp(&a.s[t], &q.s, sizeof(q.s)) != 0)
         return bad = fail("slot mixes two params", t, (long long)k);
-      const int64_t begin = (int64_t)a.chunk[b] * qk_cuda::kMultiChunk;
+      const int64_t begin = (int64_t)(b - a.block_start[t]) * qk_cuda::kMultiChunk;
       const int64_t end = std::min(begin + qk_cuda::kMultiChunk, a.n[t]);
-      if (begin < 0 || begin >= a.n[t]) return bad = fail("chunk out of range", a.chunk[b], t);
+      if (begin < 0 || begin >= a.n[t]) return bad = fail("chunk out of range", b, t);
       float* p = static_cast<float*>(a.p[t]);
       const float* g = static_cast<const float*>(a.g[t]);
       for (int64_t i = begin; i < end; ++i) {
@@ -104,18 +106,17 @@ int run_case(const std::vector<int64_t>& sizes, unsigned seed, int* launches_out
 }  // namespace
 
 int main() {
-  const int64_t C = qk_cuda::kMultiChunk, B = qk_cuda::kMultiBlocks, T = qk_cuda::kMultiTensors;
+  const int64_t C = qk_cuda::kMultiChunk, T = qk_cuda::kMultiTensors;
   std::vector<std::vector<int64_t>> cases;
   cases.push_back({1, 0, C - 1, C, C + 1, 333 * 77, 0, 5});  // partial chunks, empty params
-  cases.push_back({B * C});                                   // fills the block table exactly
-  cases.push_back({B * C + 1, 7});                            // one chunk past it
-  cases.push_back({3 * C, 2 * B * C + 5 * C + 3, 11});        // a param over three launches
+  cases.push_back({400 * C + 3, 7});                          // one large param
   std::vector<int64_t> many;
   for (int i = 0; i < 3 * T + 5; ++i) many.push_back(1 + (i * 7919) % (3 * C));
-  cases.push_back(many);                                      // rolls the param table over
-  std::vector<int64_t> exact(T, 100);
-  exact.push_back(C * (B - T) + 1);                           // both tables full at once
-  exact.push_back(9);
+  cases.push_back(many);                                      // several launches
+  std::vector<int64_t> exact(T, C);                           // one launch exactly full
+  cases.push_back(exact);
+  exact.insert(exact.begin() + T / 2, 0);                     // an empty param among them
+  exact.push_back(2 * C + 1);                                 // and one more: a second launch
   cases.push_back(exact);
   int total = 0;
   for (size_t c = 0; c < cases.size(); ++c) {
@@ -127,7 +128,7 @@ int main() {
     total += launches;
   }
   // a failing launch stops the packing and its error comes back
-  std::vector<int64_t> sizes(2 * T, 10);
+  std::vector<int64_t> sizes(2 * T + 1, 10);
   std::vector<float> buf(10);
   std::vector<void*> pp(sizes.size(), buf.data());
   std::vector<const void*> gp(sizes.size(), buf.data());
