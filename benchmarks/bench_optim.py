@@ -92,14 +92,11 @@ def make_optimizers(params_by_name, lr, device="cpu"):
 def page_out_(opt) -> int:
     """Push every managed state of ``opt`` to host memory (waits for it); returns how many
     states were managed, so a run that silently fell back to device memory shows up."""
-    moved = 0
-    for state in opt.state.values():
-        for t in state.values():
-            if torch.is_tensor(t) and qk.optim.paged.is_paged(t):
-                torch.ops.qlora_kernels.managed_prefetch_(t, -1)
-                moved += 1
+    managed = [t for state in opt.state.values() for t in state.values()
+               if torch.is_tensor(t) and qk.optim.paged.is_paged(t)]
+    qk.optim.paged.prefetch_(managed, "cpu")
     torch.cuda.synchronize()
-    return moved
+    return len(managed)
 
 
 def main(argv=None):

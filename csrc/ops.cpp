@@ -88,7 +88,7 @@ TORCH_LIBRARY(qlora_kernels, m) {
   // CUDA unified (managed) memory for paged optimizer state; kernels in csrc/cuda/managed_memory.cpp.
   m.def("managed_supported(int device) -> bool");
   m.def("managed_empty(int[] size, ScalarType dtype, int device) -> Tensor");
-  m.def("managed_prefetch_(Tensor(a!) t, int device) -> ()");  // device -1: to host memory
+  m.def("managed_prefetch_(Tensor(a!)[] tensors, int device) -> ()");  // -1: to host memory
   m.def("is_managed(Tensor t) -> bool");
   m.def("format_table(str quant_type) -> Tensor");
   m.impl("format_table", c10::DispatchKey::CompositeExplicitAutograd, &format_table);

@@ -72,7 +72,7 @@ SCHEMAS = {
     ),
     "managed_supported": "managed_supported(int device) -> bool",
     "managed_empty": "managed_empty(int[] size, ScalarType dtype, int device) -> Tensor",
-    "managed_prefetch_": "managed_prefetch_(Tensor(a!) t, int device) -> ()",
+    "managed_prefetch_": "managed_prefetch_(Tensor(a!)[] tensors, int device) -> ()",
     "is_managed": "is_managed(Tensor t) -> bool",
 }
 
@@ -197,7 +197,7 @@ def _managed_empty_fake(size, dtype, device):
 
 
 @torch.library.register_fake("qlora_kernels::managed_prefetch_")
-def _managed_prefetch_fake(t, device):
+def _managed_prefetch_fake(tensors, device):
     return None
 
 

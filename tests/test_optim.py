@@ -351,6 +351,15 @@ def test_paged_without_cuda_warns_once_and_uses_ordinary_memory(rng):
     assert all(not paged_mod.is_paged(opt.state[p]["exp_avg"]) for p in params)
 
 
+def test_prefetch_of_ordinary_memory_does_nothing(rng):
+    ts = [torch.randn(5, generator=rng), torch.randn(200_000, generator=rng)]
+    before = [t.clone() for t in ts]
+    assert torch.ops.qlora_kernels.managed_prefetch_(ts, -1) is None  # a list in one call
+    paged_mod.prefetch_(ts, "cpu")
+    paged_mod.prefetch_(ts[0], "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(ts, before))
+
+
 def test_paged_restore_allocates_paged_again(rng, monkeypatch):
     """With managed memory (simulated here: no GPU), fresh and restored states both come from
     the managed allocator above the size threshold, and small ones from ordinary memory."""
@@ -439,6 +448,31 @@ def test_cuda_multi_tensor_op_matches_per_param_and_cpu():
     for a, b, c in zip(got, single[0] + single[1] + single[2], cpu[0] + cpu[1] + cpu[2]):
         assert torch.equal(a, b)  # the same kernel math per element
         assert torch.equal(a.cpu(), c)  # and the same IEEE operations as the CPU kernel
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_paged_steps_equal_unpaged_steps():
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(n, generator=gen) for n in (150_000, 64, 250_000, 333 * 77)]
+    paged = [torch.nn.Parameter(t.cuda()) for t in init]
+    plain = [torch.nn.Parameter(t.cuda()) for t in init]
+    opt_paged = qk.optim.PagedAdamW(paged, lr=1e-2, weight_decay=0.1)
+    opt_plain = qk.optim.AdamW(plain, lr=1e-2, weight_decay=0.1)
+    for i in range(5):
+        for a, b in zip(paged, plain):
+            a.grad = torch.randn(a.shape, generator=gen).cuda()
+            b.grad = a.grad.clone()
+        if i == 3 and paged_mod.managed_supported("cuda"):  # out to host, then back for the step
+            paged_mod.prefetch_([t for st in opt_paged.state.values() for t in st.values()
+                                 if torch.is_tensor(t) and t.is_cuda], "cpu")
+        opt_paged.step()
+        opt_plain.step()
+    for a, b in zip(paged, plain):
+        assert torch.equal(a, b)
+    if paged_mod.managed_supported("cuda"):
+        assert paged_mod.is_paged(opt_paged.state[paged[0]]["exp_avg"])
+        assert not paged_mod.is_paged(opt_paged.state[paged[1]]["exp_avg"])  # below threshold
 
 
 @gpu

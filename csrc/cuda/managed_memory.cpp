@@ -76,20 +76,29 @@ at::Tensor managed_empty(at::IntArrayRef size, at::ScalarType dtype, int64_t dev
   return at::for_blob(ptr, size).options(options).deleter(deleter).make_tensor();
 }
 
-void managed_prefetch_(at::Tensor& t, int64_t device) {
-  if (!t.is_cuda() || t.numel() == 0) return;
-  const void* ptr = t.data_ptr();
-  if (!qk_cuda::pointer_is_managed(ptr)) return;
+// A list in one call: the optimizer prefetches two states per param each step, and a
+// LoRA model has hundreds of params (one Python-to-C++ call each would cost more).
+void managed_prefetch_(at::TensorList tensors, int64_t device) {
   const int target = (int)device;
-  const int owner = t.device().index();
-  // Prefetching needs concurrent managed access (not on Windows/WSL or pre-Pascal GPUs);
-  // without it the driver migrates pages on demand and we leave it to do so.
-  if (!qk_cuda::concurrent_managed_access(target >= 0 ? target : owner)) return;
-  const c10::cuda::CUDAGuard guard((c10::DeviceIndex)(target >= 0 ? target : owner));
-  const cudaError_t err = qk_cuda::prefetch_managed(ptr, t.nbytes(), target,
-                                                    c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "managed_prefetch_: cudaMemPrefetchAsync failed: ",
-              cudaGetErrorString(err));
+  int checked_device = -2, concurrent = 0;
+  for (const at::Tensor& t : tensors) {
+    if (!t.is_cuda() || t.numel() == 0) continue;
+    const void* ptr = t.data_ptr();
+    if (!qk_cuda::pointer_is_managed(ptr)) continue;
+    const int on = target >= 0 ? target : t.device().index();
+    // Prefetching needs concurrent managed access (not on Windows/WSL or pre-Pascal GPUs);
+    // without it the driver migrates pages on demand and we leave it to do so.
+    if (on != checked_device) {
+      checked_device = on;
+      concurrent = qk_cuda::concurrent_managed_access(on);
+    }
+    if (!concurrent) continue;
+    const c10::cuda::CUDAGuard guard((c10::DeviceIndex)on);
+    const cudaError_t err = qk_cuda::prefetch_managed(ptr, t.nbytes(), target,
+                                                      c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "managed_prefetch_: cudaMemPrefetchAsync failed: ",
+                cudaGetErrorString(err));
+  }
 }
 
 bool is_managed(const at::Tensor& t) {

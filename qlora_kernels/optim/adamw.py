@@ -39,12 +39,12 @@ BLOCKSIZE = reference.OPTIM_BLOCKSIZE
 
 
 def _multi_op(device_type: str) -> bool:
-    """Whether a compiled multi-tensor AdamW kernel is there for ``device_type`` ("cpu" or
-    "cuda"; not the reference, which runs one param at a time anyway)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return (key is not None and _extension.EXTENSION_LOADED and
-            torch._C._dispatch_has_kernel_for_dispatch_key("qlora_kernels::adamw_step_multi_",
-                                                           key))
+    """Whether the extension has its multi-tensor AdamW kernel for ``device_type`` ("cpu" or
+    "cuda"). Not a stand-in: on CUDA tensors of a CPU-only build that is the pure-torch
+    reference, slower than the per-param path (which there runs the Triton kernel)."""
+    if device_type == "cpu":
+        return _extension.EXTENSION_LOADED and _extension.has_kernel("adamw_step_multi_", "CPU")
+    return device_type == "cuda" and _extension.cuda_kernels_built()
 
 
 class AdamW(torch.optim.Optimizer):
@@ -184,9 +184,7 @@ class AdamW(torch.optim.Optimizer):
         per-param calls cost ~20 us each in Python (and a launch each on GPUs), and counting
         113 CPU scalars with a foreach add ~0.4 ms."""
         if self.paged:
-            for _, _, st in batch:
-                for key in _STATE32:
-                    paged_mod.prefetch_(st[key], device)
+            paged_mod.prefetch_([st[key] for _, _, st in batch for key in _STATE32], device)
         torch.ops.qlora_kernels.adamw_step_multi_(
             [p for p, _, _ in batch], [g for _, g, _ in batch],
             [st["exp_avg"] for _, _, st in batch], [st["exp_avg_sq"] for _, _, st in batch],
@@ -194,9 +192,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _update(self, p, grad, state, hyper, step: int, maximize: bool) -> None:
         if self.paged:
-            for key in _STATE32 + _STATE8:
-                if key in state:
-                    paged_mod.prefetch_(state[key], p.device)
+            paged_mod.prefetch_([state[k] for k in _STATE32 + _STATE8 if k in state], p.device)
         name = self._backend_name(p.device)
         if "exp_avg_q" in state:
             code_m, code_v = self._code(p.device, True), self._code(p.device, False)

@@ -92,9 +92,19 @@ def is_paged(t: torch.Tensor) -> bool:
         return False
 
 
-def prefetch_(t: torch.Tensor, device) -> None:
-    """Ask the driver to move managed ``t`` to ``device`` (a no-op for ordinary memory and on
-    devices without concurrent managed access, where prefetching is not allowed)."""
-    device = torch.device(device)
-    if t.is_cuda and t.numel() > 0 and device.type == "cuda":
-        _op("managed_prefetch_")(t, _index(device))
+def prefetch_(tensors, device) -> None:
+    """Ask the driver to move the managed tensors among ``tensors`` (a tensor or a list) to
+    ``device``, a CUDA device or "cpu" for host memory; one call for the whole list. A no-op
+    for ordinary memory and on devices without concurrent managed access, where prefetching
+    is not allowed.
+
+    Example:
+        >>> import torch
+        >>> prefetch_([torch.zeros(3)], "cpu")  # ordinary memory: nothing to move
+    """
+    if torch.is_tensor(tensors):
+        tensors = [tensors]
+    tensors = [t for t in tensors if t.is_cuda and t.numel() > 0]
+    if tensors:
+        device = torch.device(device)
+        _op("managed_prefetch_")(tensors, _index(device) if device.type == "cuda" else -1)

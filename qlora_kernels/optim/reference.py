@@ -140,7 +140,7 @@ def managed_empty(size, dtype, device: int):
                        "(the loaded build has no CUDA kernels)")
 
 
-def managed_prefetch_(t, device: int) -> None:
+def managed_prefetch_(tensors, device: int) -> None:
     return None
 
 
