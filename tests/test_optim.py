@@ -360,6 +360,31 @@ def test_prefetch_of_ordinary_memory_does_nothing(rng):
     assert all(torch.equal(a, b) for a, b in zip(ts, before))
 
 
+def test_paged_state_is_updated_in_groups_with_the_same_result(rng, monkeypatch):
+    # paged: one multi-tensor call per PAGED_GROUP_BYTES of state (each after its prefetch)
+    from qlora_kernels.optim import adamw as adamw_mod
+    monkeypatch.setattr(adamw_mod, "PAGED_GROUP_BYTES", 8 * 3000)
+    sizes = (1000, 1500, 700, 5000, 20, 333)
+    assert [len(g) for g in adamw_mod._paged_groups(
+        [(torch.zeros(n), None, {}) for n in sizes], 8 * 3000)] == [2, 1, 1, 2]
+    init = [torch.randn(n, generator=rng) for n in sizes]
+    paged = [torch.nn.Parameter(t.clone()) for t in init]
+    plain = [torch.nn.Parameter(t.clone()) for t in init]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA: ordinary memory
+        opt_paged = qk.optim.PagedAdamW(paged, lr=1e-2, weight_decay=0.1)
+    opt_plain = qk.optim.AdamW(plain, lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        for a, b in zip(paged, plain):
+            a.grad = torch.randn(a.shape, generator=rng)
+            b.grad = a.grad.clone()
+        opt_paged.step()
+        opt_plain.step()
+    for a, b in zip(paged, plain):
+        assert torch.equal(a, b)
+        assert float(opt_paged.state[a]["step"]) == 5
+
+
 def test_paged_restore_allocates_paged_again(rng, monkeypatch):
     """With managed memory (simulated here: no GPU), fresh and restored states both come from
     the managed allocator above the size threshold, and small ones from ordinary memory."""
