@@ -54,6 +54,13 @@ def run_pair(gen, sizes, steps, opt_kwargs, groups_kwargs=None, backend=None, sc
     return ours, theirs, opt, ref
 
 
+def set_same_grads(ours, theirs, gen, device="cpu"):
+    """The same fresh random gradient on each pair of params."""
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape, generator=gen).to(device)
+        b.grad = a.grad.clone()
+
+
 # ------------------------------------------------------------------ 32-bit vs torch
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_adamw_matches_torch_100_steps(rng, backend):
@@ -214,9 +221,7 @@ def test_optimizer_with_many_small_params_matches_torch(rng):
     opt = qk.optim.AdamW(ours, lr=1e-2, weight_decay=0.1)
     ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
     for _ in range(20):
-        for a, b in zip(ours, theirs):
-            a.grad = torch.randn(a.shape, generator=rng)
-            b.grad = a.grad.clone()
+        set_same_grads(ours, theirs, rng)
         ours[3].grad = None  # a param without a gradient is skipped, its step count too
         theirs[3].grad = None
         opt.step()
@@ -375,9 +380,7 @@ def test_paged_state_is_updated_in_groups_with_the_same_result(rng, monkeypatch)
         opt_paged = qk.optim.PagedAdamW(paged, lr=1e-2, weight_decay=0.1)
     opt_plain = qk.optim.AdamW(plain, lr=1e-2, weight_decay=0.1)
     for _ in range(5):
-        for a, b in zip(paged, plain):
-            a.grad = torch.randn(a.shape, generator=rng)
-            b.grad = a.grad.clone()
+        set_same_grads(paged, plain, rng)
         opt_paged.step()
         opt_plain.step()
     for a, b in zip(paged, plain):
@@ -485,9 +488,7 @@ def test_cuda_paged_steps_equal_unpaged_steps():
     opt_paged = qk.optim.PagedAdamW(paged, lr=1e-2, weight_decay=0.1)
     opt_plain = qk.optim.AdamW(plain, lr=1e-2, weight_decay=0.1)
     for i in range(5):
-        for a, b in zip(paged, plain):
-            a.grad = torch.randn(a.shape, generator=gen).cuda()
-            b.grad = a.grad.clone()
+        set_same_grads(paged, plain, gen, "cuda")
         if i == 3 and paged_mod.managed_supported("cuda"):  # out to host, then back for the step
             paged_mod.prefetch_([t for st in opt_paged.state.values() for t in st.values()
                                  if torch.is_tensor(t) and t.is_cuda], "cpu")
