@@ -234,6 +234,14 @@ def test_matmul_4bit(shape_index, nested, transpose_w, rng):
         torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+def test_matmul_autotune_keys_on_a_bucket_of_m():
+    # a new token count must not re-run the autotuner's benchmarks: tuned per power of two
+    from qlora_kernels.triton.matmul_4bit import _matmul_4bit_kernel
+    assert "M" not in _matmul_4bit_kernel.keys and "M_BUCKET" in _matmul_4bit_kernel.keys
+    from qlora_kernels.triton._common import next_pow2
+    assert [next_pow2(m) for m in (1, 2, 3, 300, 512, 513)] == [1, 2, 4, 512, 512, 1024]
+
+
 def test_matmul_4bit_leading_dims_and_errors(rng):
     N, K, bs = 64, 96, 64
     W = torch.randn(N, K, generator=rng).to(DEV)

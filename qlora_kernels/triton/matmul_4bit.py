@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_dequant_4bit_args, flat, interpreting, on_device
+from ._common import (FLOAT_DTYPES, check_dequant_4bit_args, flat, interpreting, next_pow2,
+                      on_device)
 from .dequantize_4bit import cast_rn, load_absmax
 
 
@@ -62,10 +63,12 @@ def _configs():
 
 
 # --- kernel -------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "TRANSPOSE_W", "NESTED"])
+# Tuned per power-of-two bucket of M, not per M: training with variable sequence lengths
+# would otherwise benchmark every candidate again for each new token count.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "TRANSPOSE_W", "NESTED"])
 @triton.jit
 def _matmul_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                        nested_code_ptr, offset, y_ptr, M, N, K,
+                        nested_code_ptr, offset, y_ptr, M, M_BUCKET, N, K,
                         stride_xm, stride_xr, stride_ym, stride_yo,
                         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
                         TRANSPOSE_W: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -168,7 +171,8 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
     with on_device(x):
         _matmul_4bit_kernel[grid](
             x2, flat(packed), flat(absmax), flat(code), flat(nested_absmax), flat(nested_code),
-            float(offset), y, M, N, K, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+            float(offset), y, M, next_pow2(M), N, K, x2.stride(0), x2.stride(1), y.stride(0),
+            y.stride(1),
             BLOCKSIZE=int(blocksize), NESTED=nested_absmax is not None,
             TRANSPOSE_W=bool(transpose_w),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
