@@ -38,12 +38,23 @@ from ._common import (FLOAT_DTYPES, check_dequant_4bit_args, flat, interpreting,
 from .dequantize_4bit import cast_rn, load_absmax
 
 
+# Autotune candidates for Ada / Ampere consumer and workstation GPUs (RTX 4090 sm_89, A6000
+# sm_86: at most 99 KiB of shared memory per block, 64K registers): small-M tiles for decode
+# and LoRA-sized batches, larger square-ish tiles for prefill / training.
+# BLOCK_M, BLOCK_O, BLOCK_R, num_warps, num_stages. The stage counts are the most that fit in
+# 99 KiB: each stage holds the W tile's gathered bytes, nested scales and decoded values (~12
+# bytes per element), e.g. 16x64x64 tiles take 10 / 58 / 106 KiB with 1 / 2 / 3 stages.
+# tests/test_triton_sm89.py compiles each for sm_89 without a GPU and checks its shared
+# memory and that it spills no registers.
+GPU_TILE_CONFIGS = [
+    (16, 64, 64, 4, 2), (16, 128, 64, 8, 1), (32, 64, 64, 4, 2), (32, 128, 64, 8, 1),
+    (64, 64, 64, 4, 2), (64, 128, 32, 4, 2), (128, 64, 32, 8, 4), (128, 128, 32, 8, 2),
+    (64, 256, 32, 8, 1),
+]
+
+
 def _configs():
-    """Autotune candidates for Ada / Ampere consumer and workstation GPUs (RTX 4090 sm_89,
-    A6000 sm_86: ~100 KB shared memory per SM, 64K registers): small-M tiles for decode
-    and LoRA-sized batches, larger square-ish tiles for prefill / training. Checked by
-    compiling each for sm_89 without a GPU (cuobjdump -res-usage): none spills registers
-    with int32 indexing (W tiles of 64x128 need 8 warps for that).
+    """The autotune candidates (GPU_TILE_CONFIGS).
 
     Under TRITON_INTERPRET=1 the list is a single small config: with more than one config
     the autotuner benchmarks every candidate by running it many times, and each interpreted
@@ -53,13 +64,8 @@ def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_O": 32, "BLOCK_R": 32, "GROUP_M": 8},
                               num_warps=4, num_stages=1)]
-    shapes = [  # BLOCK_M, BLOCK_O, BLOCK_R, num_warps, num_stages
-        (16, 64, 64, 4, 3), (16, 128, 64, 8, 3), (32, 64, 64, 4, 3), (32, 128, 64, 8, 3),
-        (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 64, 32, 8, 4), (128, 128, 32, 8, 3),
-        (64, 256, 32, 8, 3),
-    ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_R": br, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bo, br, w, s in shapes]
+                          num_warps=w, num_stages=s) for bm, bo, br, w, s in GPU_TILE_CONFIGS]
 
 
 # --- kernel -------------------------------------------------------------------------------
