@@ -52,12 +52,10 @@ void adamw_step_multi_cuda(at::TensorList params, at::TensorList grads, at::Tens
       params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps);
   const size_t n = params.size();
   if (n == 0) return;
-  for (size_t t = 0; t < n; ++t) {
+  for (size_t t = 0; t < n; ++t)
     TORCH_CHECK(params[t].is_cuda() && params[t].device() == params[0].device(), op,
                 ": every param must be on one CUDA device, params[", t, "] is on ",
                 params[t].device(), " and params[0] on ", params[0].device());
-    param_type(params[t], op);
-  }
   for (size_t t = 0; t < n; ++t) *state_steps[t].data_ptr<float>() = static_cast<float>(steps[t]);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -17,20 +17,29 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxGrid = 65535 * 8;  // grid-stride beyond this
 
-// adamw32_kernel: one AdamW step on n elements, float32 state.
-// Launch: block 256 threads, grid min(ceil(n / 256), 524280), grid-stride loop; one thread
-// per element per iteration (memory bound: 2 reads of T, 2 of float, 1 write of T, 2 of float).
+// The loop of both 32-bit kernels: elements begin, begin + stride, ... below end.
 template <typename T>
-__global__ void adamw32_kernel(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
-                               float* __restrict__ v, int64_t n, qk::AdamWScalars s) {
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+__device__ __forceinline__ void adamw32_range(T* __restrict__ p, const T* __restrict__ g,
+                                              float* __restrict__ m, float* __restrict__ v,
+                                              int64_t begin, int64_t end, int64_t stride,
+                                              const qk::AdamWScalars& s) {
+  for (int64_t i = begin; i < end; i += stride) {
     float pf = to_f32(p[i]), mf = m[i], vf = v[i];
     qk::adamw_update(pf, to_f32(g[i]), mf, vf, s);
     p[i] = from_f32<T>(pf);
     m[i] = mf;
     v[i] = vf;
   }
+}
+
+// adamw32_kernel: one AdamW step on n elements, float32 state.
+// Launch: block 256 threads, grid min(ceil(n / 256), 524280), grid-stride loop; one thread
+// per element per iteration (memory bound: 2 reads of T, 2 of float, 1 write of T, 2 of float).
+template <typename T>
+__global__ void adamw32_kernel(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
+                               float* __restrict__ v, int64_t n, qk::AdamWScalars s) {
+  adamw32_range(p, g, m, v, (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n,
+                (int64_t)gridDim.x * blockDim.x, s);
 }
 
 // adamw32_multi_kernel: adamw32_kernel over many params in one launch (a LoRA model has
@@ -43,19 +52,8 @@ template <typename T>
 __global__ void adamw32_multi_kernel(const __grid_constant__ MultiArgs a) {
   const int t = multi_param_of_block(a, (int)blockIdx.x);
   const int64_t begin = (int64_t)((int)blockIdx.x - a.block_start[t]) * kMultiChunk;
-  const int64_t end = min(begin + kMultiChunk, a.n[t]);
-  T* __restrict__ p = (T*)a.p[t];
-  const T* __restrict__ g = (const T*)a.g[t];
-  float* __restrict__ m = a.m[t];
-  float* __restrict__ v = a.v[t];
-  const qk::AdamWScalars s = a.s[t];
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    float pf = to_f32(p[i]), mf = m[i], vf = v[i];
-    qk::adamw_update(pf, to_f32(g[i]), mf, vf, s);
-    p[i] = from_f32<T>(pf);
-    m[i] = mf;
-    v[i] = vf;
-  }
+  adamw32_range((T*)a.p[t], (const T*)a.g[t], a.m[t], a.v[t], begin + threadIdx.x,
+                min(begin + kMultiChunk, a.n[t]), (int64_t)blockDim.x, a.s[t]);
 }
 
 // adamw8bit_kernel: one AdamW step with blockwise 8-bit moments; CUDA block b owns
