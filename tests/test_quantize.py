@@ -201,6 +201,46 @@ def test_opcheck(rng):
                           (q8, s8, qk.fp8_e4m3_map(), 256, torch.float32))
 
 
+def _edge_values(code: torch.Tensor, rng) -> torch.Tensor:
+    """Every code value and midpoint with its float neighbours, signed zeros, subnormals and
+    random values, in blocks of 256 that each hold 1.0 (absmax 1: the scaled value is the
+    value itself), then one block with NaN and one with inf."""
+    mids = (code[:-1] + code[1:]) * 0.5
+    pts = torch.cat([code, mids])
+    vals = torch.cat([pts, torch.nextafter(pts, torch.tensor(2.0)),
+                      torch.nextafter(pts, torch.tensor(-2.0)),
+                      torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, -1e-39, 1.0, -1.0]),
+                      torch.rand(3000, generator=rng) * 2 - 1])
+    vals = vals.clamp(-1.0, 1.0)
+    if code.min() >= 0:
+        vals = vals.abs()
+    blocks = [torch.cat([torch.ones(1), chunk]) for chunk in vals.split(255)]
+    blocks[-1] = torch.cat([blocks[-1], torch.zeros(256 - blocks[-1].numel())])
+    special = torch.rand(256, generator=rng)
+    nan_block, inf_block = special.clone(), special.clone()
+    nan_block[7], inf_block[9] = float("nan"), float("inf")
+    return torch.cat(blocks + [nan_block, inf_block])
+
+
+@pytest.mark.skipif(not NATIVE, reason="compiled extension not built")
+@pytest.mark.parametrize("code_name", ["dynamic_signed", "dynamic_unsigned", "fp8_e4m3",
+                                       "crowded"])
+def test_8bit_encoder_edge_values_match_reference(code_name, rng):
+    # the CPU encoder's bucket table (csrc/cpu/encode8_cpu.h) against torch.bucketize at
+    # every midpoint, its neighbours and the specials; "crowded" has midpoints too close
+    # for the table (several per bucket), so it takes the binary search
+    code = {"dynamic_signed": qk.dynamic_map(True), "dynamic_unsigned": qk.dynamic_map(False),
+            "fp8_e4m3": qk.fp8_e4m3_map(),
+            "crowded": torch.linspace(0.999, 1.0, 256)}[code_name]
+    x = _edge_values(code, rng)
+    for n in (x.numel(), x.numel() - 3):  # and a tail that is not a multiple of 8
+        q, a = torch.ops.qlora_kernels.quantize_8bit(x[:n], code, 256)
+        q_ref, a_ref = ref.quantize_8bit(x[:n], code, 256)
+        torch.testing.assert_close(a, a_ref, rtol=0, atol=0, equal_nan=True)
+        bad = (q != q_ref).nonzero()
+        assert bad.numel() == 0, f"{bad.numel()} codes differ, first at {x[bad[0]].item()!r}"
+
+
 @pytest.mark.skipif(not NATIVE, reason="compiled extension not built")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_blockwise_8bit_matches_reference(dtype, rng):

@@ -7,8 +7,8 @@
 // in the same order (see qk_adamw.h), so lanes and tails agree bit for bit.
 // adamw8bit_step_: per block of 256, decode both moments (code[q] * absmax), update them in
 // float32 with the same element update, write the param, and re-encode both moments with
-// the block's new absmax (qk::encode_sorted256's search, midpoints precomputed; AVX2 gathers),
-// as quantize_8bit does.
+// the block's new absmax (Encoder8, encode8_cpu.h: qk::encode_sorted256's result from a
+// bucket table), as quantize_8bit does.
 #include <omp.h>
 #include <torch/library.h>
 
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "encode8_cpu.h"
 #include "qk_adamw.h"
 #include "qk_optim_checks.h"
 
@@ -90,19 +91,23 @@ QK_AVX2 void adamw_range_avx2(float* p, const float* g, float* m, float* v, int6
 }
 #endif
 
-// Updates elements [b, b + len) of one param; float32 params take the AVX2 lanes.
+// n elements from these pointers; float32 params take the AVX2 lanes (the same bits).
+template <typename T>
+void adamw_update_n(T* p, const T* g, float* m, float* v, int64_t n, const qk::AdamWScalars& s) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_avx2()) return adamw_range_avx2(p, g, m, v, n, s);
+  }
+#endif
+  adamw_range_scalar(p, g, m, v, n, s);
+}
+
+// Updates elements [b, b + len) of one param.
 void adamw_range(const at::Tensor& param, const at::Tensor& grad, float* m, float* v, int64_t b,
                  int64_t len, const qk::AdamWScalars& s) {
   dispatch_float(param.scalar_type(), "adamw_step_", [&](auto tag) {
     using T = decltype(tag);
-    T* p = param.data_ptr<T>() + b;
-    const T* g = grad.data_ptr<T>() + b;
-#if defined(__x86_64__)
-    if constexpr (std::is_same_v<T, float>) {
-      if (has_avx2()) return adamw_range_avx2(p, g, m + b, v + b, len, s);
-    }
-#endif
-    adamw_range_scalar(p, g, m + b, v + b, len, s);
+    adamw_update_n(param.data_ptr<T>() + b, grad.data_ptr<T>() + b, m + b, v + b, len, s);
   });
 }
 
@@ -161,83 +166,30 @@ void adamw_step_multi_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   }
 }
 
-// The 8-bit encoder of qk::encode_sorted256 with its midpoints 0.5f * (c[k] + c[k+1])
-// computed once per call instead of per element: the same comparisons, so the same codes.
-struct Midpoints {
-  float v[256];
-  explicit Midpoints(const float* code) {
-    for (int k = 0; k < 255; ++k) v[k] = 0.5f * (code[k] + code[k + 1]);
-    v[255] = INFINITY;  // never read: the search index stays <= 254
-  }
-};
-
-inline int encode_mids(const float* mids, float s) {
-  int lo = 0;
-  for (int step = 128; step >= 1; step >>= 1) lo += (s > mids[lo + step - 1]) ? step : 0;
-  return lo;
-}
-
-void encode_block_scalar(const float* mids, const float* x, float inv, int64_t len, uint8_t* q) {
-  for (int64_t i = 0; i < len; ++i) q[i] = (uint8_t)encode_mids(mids, x[i] * inv);
-}
-
-#if defined(__x86_64__)
-// 8 lanes of the same binary search, one gather per step.
-QK_AVX2 void encode_block_avx2(const float* mids, const float* x, float inv, int64_t len,
-                               uint8_t* q) {
-  const __m256 vinv = _mm256_set1_ps(inv);
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    const __m256 sv = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
-    __m256i lo = _mm256_setzero_si256();
-    for (int step = 128; step >= 1; step >>= 1) {
-      const __m256i idx = _mm256_add_epi32(lo, _mm256_set1_epi32(step - 1));
-      const __m256 mid = _mm256_i32gather_ps(mids, idx, 4);
-      const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(sv, mid, _CMP_GT_OQ));
-      lo = _mm256_add_epi32(lo, _mm256_and_si256(gt, _mm256_set1_epi32(step)));
-    }
-    alignas(32) int32_t tmp[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), lo);
-    for (int k = 0; k < 8; ++k) q[i + k] = (uint8_t)tmp[k];
-  }
-  encode_block_scalar(mids, x + i, inv, len - i, q + i);
-}
-#endif
-
-void encode_block(const float* mids, const float* x, float inv, int64_t len, uint8_t* q) {
-#if defined(__x86_64__)
-  if (has_avx2()) return encode_block_avx2(mids, x, inv, len, q);
-#endif
-  encode_block_scalar(mids, x, inv, len, q);
-}
-
 // One block of the 8-bit step. Scratch holds the updated moments until the new absmax is known.
 template <typename T>
 void adamw8bit_block(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, float* av,
-                     const float* code_m, const float* code_v, const float* mids_m,
-                     const float* mids_v, int64_t len,
-                     const qk::AdamWScalars& s) {
+                     const float* code_m, const float* code_v, const Encoder8& enc_m,
+                     const Encoder8& enc_v, int64_t len, const qk::AdamWScalars& s) {
   float mbuf[qk::kOptimBlocksize], vbuf[qk::kOptimBlocksize];
   const float am_old = *am, av_old = *av;
+  for (int64_t i = 0; i < len; ++i) {
+    mbuf[i] = code_m[qm[i]] * am_old;
+    vbuf[i] = code_v[qv[i]] * av_old;
+  }
+  adamw_update_n(p, g, mbuf, vbuf, len, s);  // the 32-bit step's element update
   float mmax = 0.0f, vmax = 0.0f;
   bool nan = false;
   for (int64_t i = 0; i < len; ++i) {
-    float pf = static_cast<float>(p[i]);
-    float mf = code_m[qm[i]] * am_old, vf = code_v[qv[i]] * av_old;
-    qk::adamw_update(pf, static_cast<float>(g[i]), mf, vf, s);
-    p[i] = static_cast<T>(pf);
-    mbuf[i] = mf;
-    vbuf[i] = vf;
-    mmax = std::max(mmax, std::fabs(mf));
-    vmax = std::max(vmax, std::fabs(vf));
-    nan |= (mf != mf) || (vf != vf);
+    mmax = std::max(mmax, std::fabs(mbuf[i]));
+    vmax = std::max(vmax, std::fabs(vbuf[i]));
+    nan |= (mbuf[i] != mbuf[i]) || (vbuf[i] != vbuf[i]);
   }
   if (nan) mmax = vmax = NAN;  // as quantize_8bit: a NaN block keeps a NaN absmax
   *am = mmax;
   *av = vmax;
-  const float im = qk::inverse_absmax(mmax), iv = qk::inverse_absmax(vmax);
-  encode_block(mids_m, mbuf, im, len, qm);
-  encode_block(mids_v, vbuf, iv, len, qv);
+  enc_m.encode_scaled(mbuf, qk::inverse_absmax(mmax), len, qm);
+  enc_v.encode_scaled(vbuf, qk::inverse_absmax(vmax), len, qv);
 }
 
 void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& qm,
@@ -259,7 +211,7 @@ void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& q
   float* avp = absmax_v.data_ptr<float>();
   const float* cm = code_m.data_ptr<float>();
   const float* cv = code_v.data_ptr<float>();
-  const Midpoints mids_m(cm), mids_v(cv);
+  const std::shared_ptr<const Encoder8> enc_m = Encoder8::get(cm), enc_v = Encoder8::get(cv);
   dispatch_float(param.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     T* p = param.data_ptr<T>();
@@ -269,7 +221,7 @@ void adamw8bit_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& q
       const int64_t start = b * qk::kOptimBlocksize;
       const int64_t len = std::min<int64_t>(qk::kOptimBlocksize, n - start);
       adamw8bit_block(p + start, gp + start, qmp + start, amp + b, qvp + start, avp + b, cm, cv,
-                      mids_m.v, mids_v.v, len, s);
+                      *enc_m, *enc_v, len, s);
     }
   });
 }

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "cpu_common.h"
+#include "encode8_cpu.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -412,6 +413,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_cpu(const at::Tensor& A, const 
   const float* cp = c.data_ptr<float>();
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* ap = absmax.data_ptr<float>();
+  const std::shared_ptr<const Encoder8> enc = Encoder8::get(cp);
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
@@ -423,8 +425,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit_cpu(const at::Tensor& A, const 
     }
     if (nan) m = NAN;
     ap[b] = m;
-    const float inv = qk::inverse_absmax(m);
-    for (int64_t i = start; i < end; ++i) qp[i] = (uint8_t)qk::encode_sorted256(cp, xp[i] * inv);
+    enc->encode_scaled(xp + start, qk::inverse_absmax(m), end - start, qp + start);
   }
   return {q, absmax};
 }
