@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
+from benchmarks.timing import write_json  # noqa: E402
 
 
 def smollm2_weights(max_tensors: int):
@@ -91,8 +91,7 @@ def main(argv=None):
         print(f"{name:<28} {agg['added_pct_fp8']:>10.3f} {agg['added_pct_dynamic']:>10.3f} "
               f"{agg['absmax_rel_fp8']:>14.5f} {agg['absmax_rel_dynamic']:>14.5f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     return results
 
 

@@ -24,7 +24,6 @@ Usage: python benchmarks/bench_lora.py [--json out.json] [--tokens 512] [--dim 4
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -33,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
-from benchmarks.timing import device_info, median_time  # noqa: E402
+from benchmarks.timing import device_info, median_time, write_json  # noqa: E402
 
 
 def _memory_events(prof):
@@ -153,9 +152,8 @@ def main(argv=None):
         print(f"{kind:>8} " + " ".join(f"{row[k] / mib:>18.2f}" for k in keys)
               + f" {row['fwd_bwd_ms']:>11.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "dim": args.dim, "r": args.r, "tokens": args.tokens,
-                       "rows": rows}, f, indent=1)
+        write_json(args.json, {"info": info, "dim": args.dim, "r": args.r,
+                               "tokens": args.tokens, "rows": rows})
     return rows
 
 

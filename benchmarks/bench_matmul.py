@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_matmul.py [--json out.json] [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
 from qlora_kernels import matmul as mm  # noqa: E402
-from benchmarks.timing import device_info, median_time, optional_bitsandbytes  # noqa: E402
+from benchmarks.timing import (device_info, median_time, optional_bitsandbytes,  # noqa: E402
+                               write_json)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
@@ -118,8 +118,7 @@ def main(argv=None):
                 and r["gemv_ms"] <= r["gemm_ms"]]
         print(f"GEMV wins for {shape} at rows {wins}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows_out}, f, indent=1)
+        write_json(args.json, {"info": info, "rows": rows_out})
     return rows_out
 
 

@@ -17,14 +17,17 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
-import qlora_kernels as qk
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qlora_kernels as qk  # noqa: E402
+from benchmarks.timing import write_json  # noqa: E402
 
 
 # LoRA A (r x in) and B (out x r) of one LLaMA-7B decoder layer at r=64: q, k, v, o, gate, up, down.
@@ -186,8 +189,7 @@ def main(argv=None):
     for n in notes:
         print("  note:", n)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result, indent=2)
     return result
 
 

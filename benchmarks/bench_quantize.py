@@ -19,7 +19,6 @@ Usage: python benchmarks/bench_quantize.py [--json out.json] [--quick] [--device
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
 from benchmarks.timing import (device_info, median_ratio, median_time,  # noqa: E402
-                               optional_bitsandbytes, paired_times)
+                               optional_bitsandbytes, paired_times, write_json)
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 
@@ -140,8 +139,7 @@ def main(argv=None):
               f"{r['GB/s']:>7.1f} {r['copy_ms']:>8.2f} {r['x_copy']:>7.2f}"
               + ("  (allocates: no out= kernel)" if r.get("out") is False else ""))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
+        write_json(args.json, {"info": info, "rows": rows})
     return rows
 
 

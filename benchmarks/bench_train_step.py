@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_train_step.py [--json out.json] [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
 from benchmarks.bench_lora import allocation_trace  # noqa: E402
-from benchmarks.timing import device_info, median_time  # noqa: E402
+from benchmarks.timing import device_info, median_time, write_json  # noqa: E402
 
 
 def build(kind: str, cfg: dict, device: str, r: int):
@@ -112,8 +111,7 @@ def main(argv=None):
           f"peak memory x{ratios['peak_memory_qlora_over_bf16']:.2f}")
     result = {"info": info, "config": cfg, "r": r, "rows": rows, "ratios": ratios}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return result
 
 

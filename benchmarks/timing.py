@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import json
 import platform
 import statistics
 import time
@@ -116,3 +117,22 @@ def device_info(device="cpu") -> dict:
         except OSError:
             pass
     return info
+
+
+def write_json(path: str, obj, indent: int = 1) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename, so an
+    interrupted benchmark never leaves a half-written results file.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "r.json")
+        >>> write_json(p, {"ms": 1.5}); json.load(open(p))
+        {'ms': 1.5}
+    """
+    from qlora_kernels.serialization import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+
+    atomic_write(path, write)
