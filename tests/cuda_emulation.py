@@ -30,9 +30,11 @@ EMU_DIR = ROOT / "csrc" / "emulation"
 INCLUDE_DIR = ROOT / "csrc" / "include"
 KERNEL_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 CXX = shutil.which(os.environ.get("CXX", "g++"))
-# -ffp-contract=off as nvcc --fmad=false; fortify's longjmp check rejects the fiber switches.
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-U_FORTIFY_SOURCE",
-         "-D_FORTIFY_SOURCE=0", "-Wall", "-Wno-unknown-pragmas",
+# -ffp-contract=off as nvcc --fmad=false; __CUDA_ARCH__ selects the device branches of the
+# shared headers (qk_format.h, qk_adamw.h: __fmul_rn & co.) as nvcc's device pass does; the
+# fiber switches need fortify's longjmp check off.
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-D__CUDA_ARCH__=900",
+         "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0", "-Wall", "-Wno-unknown-pragmas",
          f"-I{EMU_DIR / 'include'}", f"-I{EMU_DIR}", f"-I{CUDA_DIR}", f"-I{INCLUDE_DIR}"]
 SHARED_SECTION = "qk_emu_shared"
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -99,7 +101,8 @@ def _check_shared_section(lib: Path) -> None:
     table = _run(["objdump", "-t", str(lib)])
     names = [ln.split()[-1] for ln in table.splitlines()
              if f" {SHARED_SECTION}\t" in ln or f" {SHARED_SECTION} " in ln]
-    others = [n for n in names if not n.startswith(("_ZZ", "__start_", "__stop_")) and n != SHARED_SECTION]
+    others = [n for n in names
+              if not n.startswith(("_ZZ", "__start_", "__stop_")) and n != SHARED_SECTION]
     if not names or others:
         raise RuntimeError(f"unexpected symbols in {SHARED_SECTION}: {others or 'none at all'}")
 
@@ -114,7 +117,8 @@ _SIGNATURES = {
     "qk_emu_launch_log": ([], ctypes.c_char_p),
     "qk_emu_clear_log": ([], None),
     "qk_emu_quantize_4bit": ([_P, _INT, _I64, _INT, _INT, _P, _P], _INT),
-    "qk_emu_dequantize_4bit": ([_P, _P, _P, _P, _P, ctypes.c_float, _P, _I64, _INT, _INT, _P], _INT),
+    "qk_emu_dequantize_4bit": ([_P, _P, _P, _P, _P, ctypes.c_float, _P, _I64, _INT, _INT, _P],
+                               _INT),
     "qk_emu_quantize_8bit": ([_P, _INT, _I64, _I64, _P, _P, _P], _INT),
     "qk_emu_dequantize_8bit": ([_P, _P, _P, _I64, _I64, _INT, _P], _INT),
     "qk_emu_gemv_4bit": ([_P, _INT, _I64, _I64, _I64, _P, _P, _P, _P, _P, ctypes.c_float, _P,

@@ -67,8 +67,9 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what=""):
     """Bit-identical, except that NaN equals any NaN (payloads are the host's in the reference)."""
     got, want = got.reshape(-1), want.reshape(-1)
     assert got.dtype == want.dtype and got.shape == want.shape, what
-    nan = torch.isnan(want) if want.is_floating_point() else torch.zeros_like(want, dtype=torch.bool)
+    nan = torch.zeros_like(want, dtype=torch.bool)
     if want.is_floating_point():
+        nan = torch.isnan(want)
         assert torch.equal(torch.isnan(got), nan), f"NaN positions differ {what}"
     diff = (_bits(got) != _bits(want)) & ~nan
     assert not bool(diff.any()), \
@@ -94,6 +95,30 @@ def test_emulation_exposes_a_missing_barrier(emu):
     out = Guarded(256, torch.float32)
     emu.call("probe_launch", 1, 1, 1, 256, 0, 0, ptr(out.tensor))
     assert bool(torch.isnan(out.check()).any())
+
+
+@pytest.mark.parametrize("mode,match", [(2, "deadlock.*exited"), (3, "not in its mask")])
+def test_emulation_checks_shuffle_masks(emu, mode, match):
+    out = Guarded(256, torch.float32)
+    with pytest.raises(RuntimeError, match=match):
+        emu.call("probe_launch", 1, 1, 1, 256, 0, mode, ptr(out.tensor))
+    emu.call("probe_launch", 1, 1, 1, 256, 0, 1, ptr(out.tensor))  # the fibers start afresh
+    assert not bool(torch.isnan(out.check()).any())
+
+
+def test_build_key_follows_every_source(tmp_path, monkeypatch):
+    """An edited kernel or header gets a new cache entry: the tests never run a stale build."""
+    shutil.copytree(ce.ROOT / "csrc", tmp_path / "csrc")
+    for name, sub in (("ROOT", ""), ("CUDA_DIR", "csrc/cuda"), ("EMU_DIR", "csrc/emulation"),
+                      ("INCLUDE_DIR", "csrc/include")):
+        monkeypatch.setattr(ce, name, tmp_path / sub)
+    keys = {ce.build_key()}
+    for rel in ("csrc/cuda/gemv_kernels.cu", "csrc/cuda/qk_device.cuh",
+                "csrc/include/qk_format.h", "csrc/emulation/cuda_emu.cpp"):
+        with open(tmp_path / rel, "a") as f:
+            f.write("\n")
+        keys.add(ce.build_key())
+    assert len(keys) == 5
 
 
 @pytest.mark.parametrize("grid,threads,smem,match", [
@@ -376,4 +401,5 @@ def test_adamw8bit(emu, dtype):
         for got, want in zip(*states):
             assert_same_bits(got, want, n)
         if n > 10:  # the inf gradient's block keeps a NaN absmax; the others do not
-            assert bool(torch.isnan(states[0][2][0])) and not bool(torch.isnan(states[0][2][1:]).any())
+            absmax_m = states[0][2]
+            assert bool(torch.isnan(absmax_m[0])) and not bool(torch.isnan(absmax_m[1:]).any())

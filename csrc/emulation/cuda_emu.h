@@ -135,7 +135,8 @@ Launch<P...> make_launch(void (*kernel)(P...), const char* name, dim3 grid, dim3
 
 #define QK_LAUNCH(grid, block, smem, stream, ...) \
   ::qk_emu::make_launch(__VA_ARGS__, #__VA_ARGS__, (grid), (block), (smem))
-#define QK_DYNAMIC_SHARED(type, name) type* const name = static_cast<type*>(::qk_emu::dynamic_shared())
+#define QK_DYNAMIC_SHARED(type, name) \
+  type* const name = static_cast<type*>(::qk_emu::dynamic_shared())
 
 // ------------------------------------------------------------------ synchronisation
 void __syncthreads();

@@ -1,4 +1,5 @@
-// emu_capi.cpp — C entry points of the emulated CUDA kernels, for ctypes (tests/cuda_emulation.py).
+// emu_capi.cpp — C entry points of the emulated CUDA kernels, for ctypes
+// (tests/cuda_emulation.py).
 //
 // Each wraps the launcher the torch binding calls (qk_cuda.h, adamw_kernels.cuh) with the same
 // arguments, so the tests run the same host launch code (grid, tile and kernel choice) as a GPU.
@@ -19,13 +20,17 @@ qk_cuda::NestedAbsmax nested(const uint8_t* qabsmax, const float* nested_absmax,
 }
 
 // The probe: thread t writes t to shared memory, reads thread 255 - t's slot after the
-// barrier (or without one, which the emulation must expose), adds its xor-1 neighbour's value.
-__global__ void probe_kernel(float* out, int with_barrier) {
+// barrier, adds its xor-1 neighbour's value. The other modes break one rule each, which the
+// emulation must expose: no barrier, a lane exits before the shuffle, lanes outside the mask.
+enum ProbeMode : int { kProbeNoBarrier = 0, kProbeOk = 1, kProbeLaneExits = 2, kProbeHalfMask = 3 };
+
+__global__ void probe_kernel(float* out, int mode) {
   __shared__ float s[256];
   s[threadIdx.x] = (float)threadIdx.x;
-  if (with_barrier) __syncthreads();
+  if (mode != kProbeNoBarrier) __syncthreads();
+  if (mode == kProbeLaneExits && threadIdx.x == 5) return;
   float v = s[255 - threadIdx.x];
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(mode == kProbeHalfMask ? 0x0000ffffu : 0xffffffffu, v, 1);
   if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) out[threadIdx.x] = v;
 }
 }  // namespace
@@ -46,8 +51,9 @@ int qk_emu_quantize_4bit(const void* x, int dtype, int64_t n, int blocksize, int
 int qk_emu_dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
                            const float* nested_absmax, const float* nested_code, float offset,
                            const float* code, int64_t n, int blocksize, int out_dtype, void* out) {
-  return qk_cuda::dequantize_4bit(packed, absmax, nested(qabsmax, nested_absmax, nested_code, offset),
-                                  code, n, blocksize, (qk_cuda::DType)out_dtype, out, nullptr);
+  const qk_cuda::NestedAbsmax nq = nested(qabsmax, nested_absmax, nested_code, offset);
+  return qk_cuda::dequantize_4bit(packed, absmax, nq, code, n, blocksize,
+                                  (qk_cuda::DType)out_dtype, out, nullptr);
 }
 
 int qk_emu_quantize_8bit(const void* x, int dtype, int64_t n, int64_t blocksize, const float* code,
@@ -91,10 +97,10 @@ int qk_emu_adamw32_multi(int ptype, int64_t count, void* const* p, const void* c
   return err;
 }
 
-int qk_emu_adamw8bit(int ptype, void* p, const void* g, uint8_t* qm, float* absmax_m, uint8_t* qv,
-                     float* absmax_v, const float* code_m, const float* code_v, int64_t n, double lr,
-                     double beta1, double beta2, double eps, double weight_decay, int64_t step,
-                     int maximize) {
+int qk_emu_adamw8bit(int ptype, void* p, const void* g, uint8_t* qm, float* absmax_m,
+                     uint8_t* qv, float* absmax_v, const float* code_m, const float* code_v,
+                     int64_t n, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, int64_t step, int maximize) {
   const qk::AdamWScalars s =
       qk::make_adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, maximize != 0);
   return qk_cuda::launch_adamw8bit(ptype, p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s,
@@ -104,8 +110,8 @@ int qk_emu_adamw8bit(int ptype, void* p, const void* g, uint8_t* qm, float* absm
 // The probe kernel launched with any configuration: checks the emulation's own launch
 // validation and synchronisation (tests/test_cuda_emulated.py).
 int qk_emu_probe_launch(unsigned gx, unsigned gy, unsigned gz, unsigned threads, int64_t smem,
-                        int with_barrier, float* out) {
-  QK_LAUNCH(dim3(gx, gy, gz), dim3(threads), (size_t)smem, nullptr, probe_kernel)(out, with_barrier);
+                        int mode, float* out) {
+  QK_LAUNCH(dim3(gx, gy, gz), dim3(threads), (size_t)smem, nullptr, probe_kernel)(out, mode);
   return cudaGetLastError();
 }
 }
