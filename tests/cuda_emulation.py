@@ -17,6 +17,7 @@ import concurrent.futures
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -96,15 +97,38 @@ def build(cache_root: Path | None = None) -> Path:
     return lib
 
 
+def _symbols(lib: Path) -> list[tuple[int, str, int, str]]:
+    """(value, section, size, name) of every symbol of the library (objdump -t)."""
+    rows = []
+    for line in _run(["objdump", "-t", str(lib)]).splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and re.fullmatch(r"[0-9a-f]{8,}", parts[0]):
+            try:
+                rows.append((int(parts[0], 16), parts[-3], int(parts[-2], 16), parts[-1]))
+            except ValueError:
+                continue
+    return rows
+
+
 def _check_shared_section(lib: Path) -> None:
     """Only function-local statics (the kernels' __shared__ arrays) may be poisoned."""
-    table = _run(["objdump", "-t", str(lib)])
-    names = [ln.split()[-1] for ln in table.splitlines()
-             if f" {SHARED_SECTION}\t" in ln or f" {SHARED_SECTION} " in ln]
+    names = [name for _, section, _, name in _symbols(lib) if section == SHARED_SECTION]
     others = [n for n in names
               if not n.startswith(("_ZZ", "__start_", "__stop_")) and n != SHARED_SECTION]
     if not names or others:
         raise RuntimeError(f"unexpected symbols in {SHARED_SECTION}: {others or 'none at all'}")
+
+
+def static_shared_bytes(lib: Path) -> dict[str, int]:
+    """Kernel symbol -> bytes of its static __shared__ arrays (function-local statics are
+    named _ZZ<the function's encoding>E<length><name>)."""
+    sizes: dict[str, int] = {}
+    for _, section, size, name in _symbols(lib):
+        m = re.fullmatch(r"_ZZ(.+)E(\d+)(\w+)", name)
+        if section == SHARED_SECTION and m and len(m.group(3)) == int(m.group(2)):
+            fn = "_Z" + m.group(1)
+            sizes[fn] = sizes.get(fn, 0) + size
+    return sizes
 
 
 _P = ctypes.c_void_p
@@ -113,6 +137,7 @@ _INT = ctypes.c_int
 _D = ctypes.c_double
 _SIGNATURES = {
     "qk_emu_configure": ([_INT, ctypes.c_uint64], None),
+    "qk_emu_register_static_smem": ([_P, _INT], None),
     "qk_emu_last_error": ([], ctypes.c_char_p),
     "qk_emu_launch_log": ([], ctypes.c_char_p),
     "qk_emu_clear_log": ([], None),
@@ -141,6 +166,14 @@ class EmulatedCuda:
         for name, (args, res) in _SIGNATURES.items():
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = args, res
+        # The kernels' static shared memory, by address: load base + symbol value.
+        symbols = {name: value for value, section, _, name in _symbols(lib_path)
+                   if section.startswith(".text")}
+        base = ctypes.cast(self.lib.qk_emu_configure, ctypes.c_void_p).value - \
+            symbols["qk_emu_configure"]
+        self.static_smem = static_shared_bytes(lib_path)
+        for fn, size in self.static_smem.items():
+            self.lib.qk_emu_register_static_smem(base + symbols[fn], size)
 
     def configure(self, sm: int, seed: int) -> None:
         """Emulate the limits of sm_<sm>; threads of a block run in an order drawn from seed."""

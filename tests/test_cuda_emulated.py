@@ -122,6 +122,7 @@ def test_build_key_follows_every_source(tmp_path, monkeypatch):
     ((1, 1, 1), 2048, 0, "invalid launch configuration"),
     ((1, 1, 1), 128, 0, "256-thread blocks only"),
     ((1, 1, 1), 256, 48 * 1024 + 4, "dynamic shared memory"),
+    ((1, 1, 1), 256, 47 * 1024 + 4, "beside 1024 static"),  # the probe's static 1 KiB counts
 ])
 def test_emulation_validates_launches(emu, grid, threads, smem, match):
     out = Guarded(256, torch.float32)

@@ -32,7 +32,7 @@ constexpr int kThreads = 256;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr uint32_t kPoison = 0x7FBADBADu;  // a NaN as float, nonsense as an integer
 constexpr size_t kGuardBytes = 64;         // canary after the dynamic shared memory
-constexpr int kDefaultSmem = 48 * 1024;
+constexpr int kStaticSmemLimit = 48 * 1024;  // static + dynamic without opting in
 
 enum State { kRunnable, kAtBarrier, kAtShuffle, kDone };
 
@@ -59,6 +59,7 @@ struct Config {
   int sm = 90;
   std::mt19937_64 rng{0};
   std::map<const void*, int> max_dynamic_smem;  // cudaFuncSetAttribute
+  std::map<const void*, int> static_smem;       // register_static_smem (kept by configure)
   std::vector<unsigned char> dynamic_smem;
   size_t dynamic_bytes = 0;
   cudaError_t last = cudaSuccess;
@@ -220,8 +221,15 @@ bool run_block() {
 
 }  // namespace
 
+int static_smem_of(const void* kernel) {
+  const auto it = g.static_smem.find(kernel);
+  return it != g.static_smem.end() ? it->second : 0;
+}
+
+void register_static_smem(const void* kernel, int bytes) { g.static_smem[kernel] = bytes; }
+
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > optin_smem(g.sm)) return cudaErrorInvalidValue;
+  if (bytes < 0 || bytes + static_smem_of(kernel) > optin_smem(g.sm)) return cudaErrorInvalidValue;
   g.max_dynamic_smem[kernel] = bytes;
   return cudaSuccess;
 }
@@ -246,11 +254,16 @@ cudaError_t launch(const char* name, const void* kernel, dim3 grid, dim3 block, 
     fail(cudaErrorInvalidValue, std::string("the emulation runs 256-thread blocks only: ") + name);
     return g.last;
   }
+  // The driver's rule: dynamic up to the function's attribute (by default what the 48 KiB
+  // leave beside the static arrays), static + dynamic within the arch's opt-in limit.
+  const int64_t stat = static_smem_of(kernel);
   const auto attr = g.max_dynamic_smem.find(kernel);
-  const size_t allowed = attr != g.max_dynamic_smem.end() ? (size_t)attr->second : kDefaultSmem;
-  if (smem > allowed) {
+  const int64_t allowed =
+      attr != g.max_dynamic_smem.end() ? attr->second : kStaticSmemLimit - stat;
+  if ((int64_t)smem > allowed || (int64_t)smem + stat > optin_smem(g.sm)) {
     fail(cudaErrorInvalidValue, std::string(name) + ": " + std::to_string(smem) +
-                                    " bytes of dynamic shared memory, the function allows " +
+                                    " bytes of dynamic shared memory beside " +
+                                    std::to_string(stat) + " static, the function allows " +
                                     std::to_string(allowed) + " on sm_" + std::to_string(g.sm));
     return g.last;
   }

@@ -92,6 +92,9 @@ void* dynamic_shared();
 // Test controls: the arch whose limits apply and the seed of the thread order (also resets
 // the cudaFuncSetAttribute values); the message of the last failed launch; the launch log.
 void configure(int sm, uint64_t seed);
+// The bytes of static __shared__ arrays of a kernel (read from the library's symbol table by
+// tests/cuda_emulation.py), counted against the limits as the driver does.
+void register_static_smem(const void* kernel, int bytes);
 const char* last_error_message();
 const char* launch_log();
 void clear_log();

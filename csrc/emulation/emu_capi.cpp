@@ -38,6 +38,9 @@ __global__ void probe_kernel(float* out, int mode) {
 extern "C" {
 
 void qk_emu_configure(int sm, uint64_t seed) { qk_emu::configure(sm, seed); }
+void qk_emu_register_static_smem(const void* kernel, int bytes) {
+  qk_emu::register_static_smem(kernel, bytes);
+}
 const char* qk_emu_last_error() { return qk_emu::last_error_message(); }
 const char* qk_emu_launch_log() { return qk_emu::launch_log(); }
 void qk_emu_clear_log() { qk_emu::clear_log(); }
