@@ -11,9 +11,11 @@
 //    a shuffle with the same mask before any lane reads; a lane missing (exited, or waiting at
 //    a barrier) is reported as an error of the launch, as is a barrier some threads skip;
 //  * launches are validated like the driver does (block size, grid.y/z <= 65535, dynamic
-//    shared memory against the function's attribute and the emulated arch's opt-in limit);
-//  * static __shared__ variables are static storage in one section ("qk_emu_shared") that
-//    the runtime poisons; dynamic shared memory goes through QK_DYNAMIC_SHARED;
+//    shared memory against the function's attribute, static + dynamic against the emulated
+//    arch's opt-in limit);
+//  * static __shared__ variables are static storage, which the build moves into one section
+//    ("qk_emu_shared") that the runtime poisons; dynamic shared memory goes through
+//    QK_DYNAMIC_SHARED;
 //  * intrinsics and conversions return the GPU's canonical NaN (float 0x7FFFFFFF, 16-bit
 //    0x7FFF); plain float operators stay the host's.
 #pragma once
