@@ -181,6 +181,13 @@ def test_quantize_8bit_nan_block():
 GEMV_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+def assert_gemv_close(y: torch.Tensor, want: torch.Tensor, K: int) -> None:
+    """y (x.dtype) against the float64 product `want`, within GEMV_TOL scaled by sqrt(K)."""
+    err = (y.cpu().double() - want).abs().max().item()
+    scale = want.abs().max().item() + 1e-6
+    assert err <= GEMV_TOL[y.dtype] * scale * max(1.0, (K / 256) ** 0.5), (y.shape, K, err, scale)
+
+
 def _check_gemv(M, K, N, dtype, bs, nested, seed, packed_unaligned=False):
     packed, absmax, code, na, nc, off = _quantized(N * K, bs, "nf4", seed=seed, nested=nested)
     W = ref.dequantize_4bit(packed, absmax, code, bs, N * K, torch.float32, na, nc, off)
@@ -191,9 +198,7 @@ def _check_gemv(M, K, N, dtype, bs, nested, seed, packed_unaligned=False):
         p = _unaligned(p)
     y = OPS.gemv_4bit(x.cuda(), p, *_cuda(absmax, code), bs, N, *_cuda(na, nc), off)
     assert y.dtype == dtype and y.shape == (M, N)
-    err = (y.cpu().double() - want).abs().max().item()
-    scale = want.abs().max().item() + 1e-6
-    assert err <= GEMV_TOL[dtype] * scale * max(1.0, (K / 256) ** 0.5), (M, K, N, err, scale)
+    assert_gemv_close(y, want, K)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

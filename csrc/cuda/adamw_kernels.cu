@@ -122,7 +122,7 @@ cudaError_t launch32(void* p, const void* g, float* m, float* v, int64_t n,
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   const int grid = (int)(blocks < kMaxGrid ? blocks : kMaxGrid);
-  adamw32_kernel<T><<<grid, kThreads, 0, stream>>>((T*)p, (const T*)g, m, v, n, s);
+  QK_LAUNCH(grid, kThreads, 0, stream, adamw32_kernel<T>)((T*)p, (const T*)g, m, v, n, s);
   return cudaGetLastError();
 }
 
@@ -131,7 +131,7 @@ cudaError_t launch32_multi(int64_t count, void* const* p, const void* const* g, 
                            float* const* v, const int64_t* n, const qk::AdamWScalars* s,
                            cudaStream_t stream) {
   auto launch = [stream](const MultiArgs& a, int nblocks) {
-    adamw32_multi_kernel<T><<<nblocks, kThreads, 0, stream>>>(a);
+    QK_LAUNCH(nblocks, kThreads, 0, stream, adamw32_multi_kernel<T>)(a);
     return (int)cudaGetLastError();
   };
   const int res = pack_adamw32_multi(count, p, g, m, v, n, s, launch);
@@ -145,8 +145,8 @@ cudaError_t launch8(void* p, const void* g, uint8_t* qm, float* am, uint8_t* qv,
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + qk::kOptimBlocksize - 1) / qk::kOptimBlocksize;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  adamw8bit_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>((T*)p, (const T*)g, qm, am, qv,
-                                                                  av, cm, cv, n, s);
+  QK_LAUNCH((unsigned)blocks, kThreads, 0, stream, adamw8bit_kernel<T>)((T*)p, (const T*)g, qm,
+                                                                         am, qv, av, cm, cv, n, s);
   return cudaGetLastError();
 }
 

@@ -71,7 +71,7 @@ __device__ __forceinline__ void write_outputs(float (&acc)[MT], int64_t m0, int 
 template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads) gemv_4bit_fast_kernel(const GemvArgs<T> a) {
   const int64_t K = a.K;
-  extern __shared__ float4 s_x4[];
+  QK_DYNAMIC_SHARED(float4, s_x4);
   float* s_x = reinterpret_cast<float*>(s_x4);
   __shared__ float s_code[16];
   __shared__ float s_ncode[256];
@@ -210,9 +210,9 @@ cudaError_t gemv_4bit(const void* x, DType dtype, int64_t M, int64_t K, int64_t 
               kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
           if (err != cudaSuccess) return err;
         }
-        kernel<<<grid, kThreads, (size_t)smem, stream>>>(args);
+        QK_LAUNCH(grid, kThreads, (size_t)smem, stream, gemv_4bit_fast_kernel<T, MT>)(args);
       } else {
-        gemv_4bit_general_kernel<T, MT><<<grid, kThreads, 0, stream>>>(args);
+        QK_LAUNCH(grid, kThreads, 0, stream, gemv_4bit_general_kernel<T, MT>)(args);
       }
       return cudaGetLastError();
     });

@@ -8,6 +8,16 @@
 #include "qk_cuda.h"
 #include "qk_format.h"
 
+// Kernels launch through QK_LAUNCH(grid, block, smem, stream, kernel)(args...) and declare
+// dynamic shared memory with QK_DYNAMIC_SHARED, so that the host emulation of the tests
+// (csrc/emulation/cuda_emu.h, which defines both first) can run the same sources.
+#ifndef QK_LAUNCH
+#define QK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+#ifndef QK_DYNAMIC_SHARED
+#define QK_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace qk_cuda {
 
 // ---------------------------------------------------------------- scalar conversions
@@ -42,7 +52,9 @@ __device__ __forceinline__ void load8_aligned(const __half* p, float (&v)[8]) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
+    const __half lo = __ushort_as_half((unsigned short)(w[k] & 0xFFFFu));
+    const __half hi = __ushort_as_half((unsigned short)(w[k] >> 16));
+    const float2 f = __half22float2(__halves2half2(lo, hi));
     v[2 * k] = f.x;
     v[2 * k + 1] = f.y;
   }
@@ -69,6 +81,11 @@ __device__ __forceinline__ void load8(const T* p, int64_t avail, bool vec, float
   }
 }
 
+// The bits of a 16-bit float (an intrinsic: reading them through a uint16_t pointer would
+// break the aliasing rules).
+__device__ __forceinline__ uint32_t bits16(__half h) { return __half_as_ushort(h); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 h) { return __bfloat16_as_ushort(h); }
+
 // 8 float32 values rounded to T and stored with 16-byte stores (p 16-byte aligned).
 __device__ __forceinline__ void store8_aligned(float* p, const float (&v)[8]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
@@ -79,9 +96,7 @@ __device__ __forceinline__ void store8_aligned(T* p, const float (&v)[8]) {
   uint32_t w[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const T lo = from_f32<T>(v[2 * k]), hi = from_f32<T>(v[2 * k + 1]);
-    w[k] = (uint32_t)(*reinterpret_cast<const uint16_t*>(&lo)) |
-           ((uint32_t)(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+    w[k] = bits16(from_f32<T>(v[2 * k])) | (bits16(from_f32<T>(v[2 * k + 1])) << 16);
   }
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }

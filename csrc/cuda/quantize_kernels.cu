@@ -258,7 +258,7 @@ cudaError_t quantize_4bit(const void* x, DType dtype, int64_t n, int blocksize, 
       constexpr int BS = decltype(bs_tag)::value;
       constexpr int LANES = BS / 8 < 32 ? BS / 8 : 32;
       const int64_t grid = ceil_div(ceil_div(n, BS) * LANES, kThreads);
-      quantize_4bit_kernel<T, BS><<<(unsigned)grid, kThreads, 0, stream>>>(
+      QK_LAUNCH((unsigned)grid, kThreads, 0, stream, quantize_4bit_kernel<T, BS>)(
           static_cast<const T*>(x), n, quant_type, vec, packed, absmax);
       return cudaGetLastError();
     });
@@ -274,7 +274,7 @@ cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, NestedAb
   const unsigned grid = grid_for(ceil_div(n, 8), kThreads);
   return dispatch_dtype(out_dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dequantize_4bit_kernel<T><<<grid, kThreads, 0, stream>>>(
+    QK_LAUNCH(grid, kThreads, 0, stream, dequantize_4bit_kernel<T>)(
         packed, absmax, nested, code, n, log2_int(blocksize), vec, static_cast<T*>(out));
     return cudaGetLastError();
   });
@@ -287,8 +287,8 @@ cudaError_t quantize_8bit(const void* x, DType dtype, int64_t n, int64_t blocksi
   const unsigned grid = grid_for(ceil_div(n, blocksize), kThreads / 32);
   return dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    quantize_8bit_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), n,
-                                                           blocksize, code, q, absmax);
+    QK_LAUNCH(grid, kThreads, 0, stream, quantize_8bit_kernel<T>)(static_cast<const T*>(x), n,
+                                                                  blocksize, code, q, absmax);
     return cudaGetLastError();
   });
 }
@@ -301,8 +301,8 @@ cudaError_t dequantize_8bit(const uint8_t* q, const float* absmax, const float* 
   const unsigned grid = grid_for(ceil_div(n, 8), kThreads);
   return dispatch_dtype(out_dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dequantize_8bit_kernel<T><<<grid, kThreads, 0, stream>>>(q, absmax, code, n, blocksize, vec,
-                                                             static_cast<T*>(out));
+    QK_LAUNCH(grid, kThreads, 0, stream, dequantize_8bit_kernel<T>)(q, absmax, code, n, blocksize,
+                                                                    vec, static_cast<T*>(out));
     return cudaGetLastError();
   });
 }
