@@ -143,10 +143,9 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
     else:
         tb = _triton_backend(x.device)
         if tb is not None:
+            # bias added in the kernel's float32 sum: rounded once to x.dtype
             y = tb.matmul_4bit(x2, packed, absmax, code, blocksize, out_features, k,
-                               nested_absmax, nested_code, offset).float()
-            if bias is not None:
-                y = y + bias.float()
+                               nested_absmax, nested_code, offset, bias=bias)
         else:
             xf = x2.float()
             y = torch.empty(m, out_features, dtype=torch.float32, device=x.device)
