@@ -70,6 +70,9 @@ def load(model_path: str | None, layers: int | None, dtype: torch.dtype, bnb: bo
         model = LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
         source = "SmolLM2-135M architecture, random weights"
     elif model_path.endswith(".gguf"):
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise Skip(f"reading a .gguf file needs {' and '.join(missing)} (not installed)")
         from qlora_kernels.demo.model import load_model
         model, _, info = load_model(model_path, dtype=dtype, layers=layers)
         source = info["path"]
