@@ -85,6 +85,8 @@ nvcc = shutil.which("nvcc") or next((p for p in (os.path.join(os.environ.get("CU
         "bin", "nvcc"), "/usr/local/cuda/bin/nvcc") if os.path.isfile(p)), None)
 v = run([nvcc, "--version"]) if nvcc else None
 out["nvcc"] = v.splitlines()[-1] if v else None
+out["ninja"] = shutil.which("ninja")  # without it torch's BuildExtension compiles serially
+out["compute_sanitizer"] = shutil.which("compute-sanitizer")
 print(json.dumps(out))
 """
 
@@ -331,7 +333,7 @@ def markdown(results: dict) -> str:
              + (f", finished {results['finished']}" if results.get("finished") else
                 " (not finished)"), ""]
     keys = ("python", "torch", "torch_cuda", "triton", "transformers", "peft", "bitsandbytes",
-            "nvcc", "driver", "gpu", "capability", "cpus")
+            "nvcc", "driver", "gpu", "capability", "cpus", "ninja")
     lines.append("Versions: " + ", ".join(f"{k} {v.get(k)}" for k in keys if k in v))
     lines += ["", "| stage | status | seconds | note |", "|---|---|---|---|"]
     for name, rec in results["stages"].items():
