@@ -14,7 +14,9 @@ otherwise the CPU kernels with one warning saying how to enable CUDA.
 
 Environment variables:
   QLORA_KERNELS_SKIP_CUDA=1        build the CPU kernels only, even where CUDA is available
-  QLORA_KERNELS_CUDA_ARCHS="8.6;8.9" CUDA targets (default 8.0;8.6;8.9;9.0)
+  QLORA_KERNELS_CUDA_ARCHS="8.6;8.9" CUDA targets (default 7.5;8.0;8.6;8.9;9.0+PTX: cubins
+                                   for T4 to H100, and PTX that newer GPUs such as Blackwell
+                                   compile at load time)
   QLORA_KERNELS_DEBUG=1            -O0 -g builds
   MAX_JOBS=N                       parallel compile jobs (torch's BuildExtension)
 """
@@ -30,7 +32,9 @@ import tempfile
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
+# A GPU without an image here gets one warning and the Triton kernels at run time
+# (qlora_kernels/_extension.py: cuda_kernels_runnable).
+DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 BUILD_INFO = "_build_info.json"
 
 

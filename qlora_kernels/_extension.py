@@ -103,3 +103,51 @@ if (EXTENSION_LOADED and not _CUDA_KERNELS_BUILT and torch.cuda.is_available()
                   f"its CUDA kernels ({BUILD_INFO['cuda_skipped']}); CUDA tensors use the Triton "
                   f"kernels or the reference. {REBUILD_HINT} once that is fixed.",
                   RuntimeWarning, stacklevel=2)
+
+
+# A build for other archs, without PTX the driver can compile for this one.
+_NO_IMAGE_ERRORS = ("no kernel image is available", "invalid device function")
+_runnable: dict[int, bool] = {}
+_replaced = False
+
+
+def _probe_launch(device: torch.device) -> None:
+    torch.ops.qlora_kernels.quantize_4bit(torch.ones(64, device=device), 64, "nf4")
+
+
+def cuda_kernels_runnable(device=None) -> bool:
+    """True when the compiled CUDA kernels run on ``device`` (a CUDA device; default the
+    current one). Probed once per device, at first use, by launching one tiny kernel: when
+    the build has no image for the GPU (e.g. sm_75 or sm_100 against an sm_80..90 build
+    without PTX), one warning is issued and every op on CUDA tensors goes to the Triton
+    kernels (or the reference) from then on, on every device.
+
+    Example:
+        >>> cuda_kernels_runnable() if not cuda_kernels_built() else True
+        False
+    """
+    global _replaced
+    if not _CUDA_KERNELS_BUILT or _replaced:
+        return False
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else \
+        torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _runnable:
+        try:
+            _probe_launch(torch.device("cuda", index))
+            _runnable[index] = True
+        except RuntimeError as exc:
+            if not any(s in str(exc) for s in _NO_IMAGE_ERRORS):
+                raise
+            _runnable[index] = False
+            _replaced = True
+            cap = torch.cuda.get_device_capability(index)
+            warnings.warn(
+                f"qlora_kernels: the compiled CUDA kernels have no image for cuda:{index} "
+                f"(sm_{cap[0]}{cap[1]}): {exc}. Using the Triton kernels (or the PyTorch "
+                "reference) for CUDA tensors instead; rebuild with "
+                f"QLORA_KERNELS_CUDA_ARCHS={cap[0]}.{cap[1]} for the compiled ones.",
+                RuntimeWarning, stacklevel=2)
+            from . import ops
+            ops.replace_cuda_kernels()
+    return _runnable[index] and not _replaced

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import ops  # noqa: F401
+from . import _extension, ops  # noqa: F401
 from .quant_state import QuantState
 
 # Largest number of rows of x that takes the GEMV path, per device type, and per
@@ -131,6 +131,8 @@ def _triton_backend(device: torch.device):
 
 def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
                       nested_code=None, offset=0.0, bias=None):
+    if x.is_cuda:  # first CUDA use: falls back from kernels with no image for this GPU
+        _extension.cuda_kernels_runnable(x.device)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -143,10 +145,9 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
     else:
         tb = _triton_backend(x.device)
         if tb is not None:
+            # bias added in the kernel's float32 sum: rounded once to x.dtype
             y = tb.matmul_4bit(x2, packed, absmax, code, blocksize, out_features, k,
-                               nested_absmax, nested_code, offset).float()
-            if bias is not None:
-                y = y + bias.float()
+                               nested_absmax, nested_code, offset, bias=bias)
         else:
             xf = x2.float()
             y = torch.empty(m, out_features, dtype=torch.float32, device=x.device)

@@ -6,7 +6,9 @@ kernels register per device. This module adds what Python owns:
 * ``register_fake`` kernels, so the ops trace under ``torch.compile`` and FakeTensor;
 * when the extension is missing, the same schemas (``SCHEMAS`` below; a test checks they
   match the C++ ones) with the PyTorch reference as their implementation;
-* on CUDA devices without compiled CUDA kernels, the Triton kernels (or the reference).
+* on CUDA devices without compiled CUDA kernels, the Triton kernels (or the reference);
+  also in place of the compiled ones when they have no image for the GPU
+  (``replace_cuda_kernels``, called by the probe in ``_extension.cuda_kernels_runnable``).
 
 Example:
     >>> import torch, qlora_kernels
@@ -117,18 +119,39 @@ def _register_fallbacks() -> None:
     # Extension loaded: CUDA tensors still need a kernel when it was built without CUDA.
     if torch.version.cuda is None:
         return
-    impl_lib = torch.library.Library("qlora_kernels", "IMPL")
+    _fallback_lib = _cuda_stand_ins([name for name in _REFERENCE_IMPLS
+                                     if name not in _MANAGED_OPS
+                                     and not _extension.has_kernel(name, "CUDA")])
+
+
+def _cuda_stand_ins(names) -> torch.library.Library:
+    """Registers the Triton kernel, else the reference, as the CUDA kernel of each op."""
+    lib = torch.library.Library("qlora_kernels", "IMPL")
     try:
         from .backends import triton as triton_backend
     except Exception:  # triton missing or broken: the reference keeps CUDA tensors working
         triton_backend = None
-    for name, ref_fn in _REFERENCE_IMPLS.items():
-        if name in _MANAGED_OPS:
-            continue
-        if not _extension.has_kernel(name, "CUDA"):
-            fn = getattr(triton_backend, name, None) if triton_backend is not None else None
-            impl_lib.impl(name, fn or ref_fn, "CUDA")
-    _fallback_lib = impl_lib
+    for name in names:
+        fn = getattr(triton_backend, name, None) if triton_backend is not None else None
+        lib.impl(name, fn or _REFERENCE_IMPLS[name], "CUDA")
+    return lib
+
+
+_replaced_lib = None
+
+
+def replace_cuda_kernels() -> None:
+    """Route every kernel op on CUDA tensors to Triton (or the reference), overriding the
+    compiled CUDA kernels: for a GPU they have no image for (built for other archs without
+    PTX it can run). Idempotent.
+
+    Example (it overrides kernels for the whole process, so it is not run here):
+        >>> from qlora_kernels import ops
+        >>> ops.replace_cuda_kernels()  # doctest: +SKIP
+    """
+    global _replaced_lib
+    if _replaced_lib is None:
+        _replaced_lib = _cuda_stand_ins([n for n in _REFERENCE_IMPLS if n not in _MANAGED_OPS])
 
 
 _register_fallbacks()

@@ -4,6 +4,7 @@ Without a GPU, Triton kernels run through Triton's interpreter: TRITON_INTERPRET
 set before triton is first imported, so it is set here, at collection time.
 """
 import os
+import shutil
 import zlib
 
 import pytest
@@ -40,3 +41,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def find_cuobjdump() -> str:
+    """cuobjdump from PATH, the CUDA toolkit, or the one Triton's wheel ships ("" if none)."""
+    cands = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    try:
+        import triton
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                  "cuobjdump"))
+    except ImportError:
+        pass
+    for cand in cands:
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return ""

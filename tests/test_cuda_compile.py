@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import find_cuobjdump
+
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
@@ -206,3 +208,42 @@ def test_binding_syntax_against_torch_cuda_headers(src):
     assert proc.returncode == 0, f"{src.name} does not compile:\n{proc.stderr[-6000:]}"
     own = [ln for ln in proc.stderr.splitlines() if f"{src.name}:" in ln and "warning" in ln]
     assert not own, "warnings in the binding:\n" + "\n".join(own)
+
+
+# ------------------------------------------------------------------ default build targets
+def _default_arch_flags() -> list[str]:
+    """nvcc -gencode flags of setup.py's DEFAULT_ARCHS, as torch's BuildExtension makes them."""
+    text = (ROOT / "setup.py").read_text()
+    archs = re.search(r'^DEFAULT_ARCHS = "([^"]+)"', text, re.M).group(1)
+    flags = []
+    for a in archs.split(";"):
+        num = a.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if a.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("src", CU_FILES, ids=lambda p: p.name)
+def test_default_build_has_sm75_images_and_ptx_for_newer_gpus(src, tmp_path):
+    # T4 (sm_75) runs the cubin; GPUs newer than the newest target (Blackwell) JIT-compile
+    # the PTX; anything else gets the runtime probe's fallback to Triton
+    cuobjdump = find_cuobjdump()
+    if not cuobjdump:
+        pytest.skip("cuobjdump not found")
+    obj = tmp_path / "out.o"
+    flags = _default_arch_flags()
+    assert "-gencode=arch=compute_75,code=sm_75" in flags
+    proc = subprocess.run([NVCC, *flags, "-std=c++17", "--fmad=false", "-O3", "-c", "-I",
+                           str(ROOT / "csrc" / "include"), str(src), "-o", str(obj)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    elf = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True)
+    ptx = subprocess.run([cuobjdump, "--list-ptx", str(obj)], capture_output=True, text=True)
+    for sm in ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90"):
+        assert f".{sm}." in elf.stdout, (sm, elf.stdout)
+    newest = max(int(f.split("compute_")[1].split(",")[0]) for f in flags)
+    assert f"sm_{newest}" in ptx.stdout, ptx.stdout  # cuobjdump names PTX by its target
+    assert ptx.stdout.count(".ptx") == 1, ptx.stdout  # PTX for the newest arch only

@@ -216,9 +216,18 @@ def test_gemv_4bit_double_quant_and_unaligned(dtype):
     _check_gemv(4, 512, 40, dtype, 64, nested=False, seed=8, packed_unaligned=True)
 
 
-@pytest.mark.parametrize("M,K", [(1, 14336), (16, 4096), (4, 11008)])
+# 28,672 (LLaMA-70B down_proj) and 53,248 do not fit sm_86/89's shared memory even with one
+# row, and 53,248 x 16 rows not H100/H200's: x is staged in passes (csrc/cuda/gemv_plan.h).
+@pytest.mark.parametrize("M,K", [(1, 14336), (16, 4096), (4, 11008), (16, 28672), (3, 53248),
+                                 (16, 53248)])
 def test_gemv_4bit_large_k_shared_memory_tiling(M, K):
-    _check_gemv(M, K, 64, torch.bfloat16, 64, nested=True, seed=K)
+    _check_gemv(M, K, 24, torch.bfloat16, 64, nested=True, seed=K)
+
+
+def test_gemv_4bit_more_row_tiles_than_grid_y_allows():
+    # 65,535 CTAs along y of 16 rows each, and 3 rows more: the grid strides over row tiles
+    for K, bs in ((64, 64), (40, 32)):  # fast and general kernel
+        _check_gemv(65535 * 16 + 3, K, 3, torch.float16, bs, nested=False, seed=K)
 
 
 def test_gemv_4bit_rejects_bad_input():

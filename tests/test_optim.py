@@ -356,6 +356,17 @@ def test_paged_without_cuda_warns_once_and_uses_ordinary_memory(rng):
     assert all(not paged_mod.is_paged(opt.state[p]["exp_avg"]) for p in params)
 
 
+def test_paged_on_a_gpu_without_concurrent_managed_access_says_state_stays_resident(
+        monkeypatch):
+    # managed_supported (csrc/cuda/managed_memory.cpp) is false without concurrent managed
+    # access; the optimizer's one warning then says why and where the state lives
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(paged_mod, "_op", lambda name: (lambda *a: False))
+    why = paged_mod.fallback_reason(torch.device("cuda", 0))
+    assert "concurrent managed access" in why and "resident" in why
+    assert not paged_mod.managed_supported(torch.device("cuda", 0))
+
+
 def test_prefetch_of_ordinary_memory_does_nothing(rng):
     ts = [torch.randn(5, generator=rng), torch.randn(200_000, generator=rng)]
     before = [t.clone() for t in ts]
@@ -546,3 +557,31 @@ def test_cuda_paged_state_and_cross_device_resume():
     assert torch.equal(opt_back.state[w]["exp_avg"].cpu(), opt.state[w]["exp_avg"].cpu())
     with pytest.raises(RuntimeError, match="refusing to allocate"):
         torch.ops.qlora_kernels.managed_empty([1 << 50], torch.float32, 0)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_paged_state_is_refused_beyond_free_gpu_memory():
+    if not paged_mod.managed_supported("cuda"):
+        pytest.skip("this GPU/build has no managed memory with concurrent access")
+    free, _ = torch.cuda.mem_get_info(0)
+    # more than the GPU has free, far less than free GPU + host memory: refused before any
+    # cudaMallocManaged, never oversubscribed
+    with pytest.raises(RuntimeError, match="never allowed to oversubscribe"):
+        torch.ops.qlora_kernels.managed_empty([free // 4 + (1 << 26)], torch.float32, 0)
+    t = torch.ops.qlora_kernels.managed_empty([1 << 20], torch.float32, 0)  # still works
+    assert paged_mod.is_paged(t.zero_())
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_managed_state_freed_while_another_device_is_current():
+    if not paged_mod.managed_supported("cuda:1"):
+        pytest.skip("cuda:1 has no managed memory with concurrent access")
+    with torch.cuda.device(1):
+        t = torch.ops.qlora_kernels.managed_empty([1 << 20], torch.float32, 1).zero_()
+    torch.cuda.synchronize(1)
+    with torch.cuda.device(0):
+        del t  # the deleter frees on cuda:1 and leaves cuda:0 current
+        assert torch.cuda.current_device() == 0
+        torch.cuda.synchronize(0)

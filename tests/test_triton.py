@@ -263,6 +263,35 @@ def test_matmul_4bit_leading_dims_and_errors(rng):
         tb.matmul_4bit(torch.randn(3, K, device=DEV), p, a, code, 32, N, K)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matmul_4bit_bias_is_rounded_once(dtype, rng, monkeypatch):
+    # one nonzero x per row makes the float32 sum exact, so the only roundings are the
+    # ones under test: (x @ W^T + bias) rounded once to dtype, as the GEMV and CPU paths do
+    from qlora_kernels import matmul as mm
+    N, K, bs, M = 96, 64, 64, 40
+    W = torch.randn(N, K, generator=rng).to(DEV)
+    packed, st = qk.quantize_4bit(W, bs, "nf4", double_quant=False, backend="torch")
+    x = torch.zeros(M, K)
+    x[torch.arange(M), torch.randint(0, K, (M,), generator=rng)] = torch.randn(M, generator=rng)
+    x = x.to(dtype).to(DEV)
+    bias = (torch.randn(N, generator=rng) * 3).to(DEV)
+    Wd = qk.dequantize_4bit(packed, st, out_dtype=dtype, backend="torch").float()
+    exact = x.float() @ Wd.T + bias
+    want = exact.to(dtype)
+    rounded_twice = ((x.float() @ Wd.T).to(dtype).float() + bias).to(dtype)
+    assert not torch.equal(want, rounded_twice)  # the data tells the two apart
+    got = tb.matmul_4bit(x, packed, st.absmax, st.code, bs, N, K, bias=bias)
+    assert torch.equal(got, want)
+    # through the op: the GEMM branch (M above the GEMV threshold) hands the bias to Triton
+    monkeypatch.setattr(mm, "_triton_backend", lambda device: tb)
+    monkeypatch.setenv("QLORA_KERNELS_GEMV_MAX_ROWS", "1")
+    got = torch.ops.qlora_kernels.matmul_4bit(x, packed, st.absmax, st.code, bs, N, None,
+                                              None, 0.0, bias.to(dtype))
+    assert torch.equal(got, (x.float() @ Wd.T + bias.to(dtype).float()).to(dtype))
+    with pytest.raises(ValueError, match="bias"):
+        tb.matmul_4bit(x, packed, st.absmax, st.code, bs, N, K, bias=bias[:-1])
+
+
 # --- through the public API ---------------------------------------------------------------
 def test_public_api_backend_triton(rng):
     assert get_backend(torch.device(DEV), "triton") is tb and tb.DEVICE_TYPE == "cuda"

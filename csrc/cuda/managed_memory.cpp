@@ -18,8 +18,8 @@
 namespace qlora_kernels::cuda {
 namespace {
 
-// Bytes of managed memory handed out and not yet freed: the driver only backs pages when
-// they are touched, so free GPU memory alone would let us over-commit.
+// Bytes of managed memory handed out and not yet freed: states pushed to the host free
+// device memory, so free GPU memory alone would let us allocate more than the card holds.
 std::atomic<int64_t> g_managed_bytes{0};
 
 // MemAvailable from /proc/meminfo (what the kernel can give without swapping).
@@ -36,8 +36,13 @@ int64_t host_available_bytes() {
   return (int64_t)sysconf(_SC_AVPHYS_PAGES) * (int64_t)sysconf(_SC_PAGESIZE);
 }
 
+// Paged state needs both managed memory and concurrent managed access: without the latter
+// (Windows/WSL, some Jetsons) the driver neither pages on demand nor allows prefetching, so
+// the state would stay where it was first touched; the optimizer then uses ordinary memory
+// and says so (qlora_kernels/optim/paged.py: fallback_reason).
 bool managed_supported(int64_t device) {
-  return qk_cuda::managed_memory_supported((int)device);
+  return qk_cuda::managed_memory_supported((int)device) &&
+         qk_cuda::concurrent_managed_access((int)device);
 }
 
 at::Tensor managed_empty(at::IntArrayRef size, at::ScalarType dtype, int64_t device) {
@@ -56,11 +61,18 @@ at::Tensor managed_empty(at::IntArrayRef size, at::ScalarType dtype, int64_t dev
   C10_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
   const int64_t host_b = host_available_bytes();
   const int64_t in_use = g_managed_bytes.load();
-  TORCH_CHECK(nbytes + in_use <= (int64_t)free_b + host_b, "managed_empty: refusing to allocate ",
-              nbytes, " bytes of managed memory: cuda:", device, " has ", (int64_t)free_b,
-              " bytes free and the host ", host_b, " bytes available, and ", in_use,
-              " bytes of managed memory are already allocated. Use fewer trainable parameters, "
-              "8-bit optimizer state (PagedAdamW8bit), or free memory.");
+  // Never oversubscribe: on some machines a GPU whose managed memory exceeds its capacity
+  // hangs, not only the process. So the new state must fit in free device memory now, all
+  // managed state together must fit the card (states paged out come back for their update),
+  // and the host must be able to take it when it is paged out.
+  TORCH_CHECK(nbytes <= (int64_t)free_b && nbytes + in_use <= (int64_t)total_b &&
+                  nbytes <= host_b,
+              "managed_empty: refusing to allocate ", nbytes, " bytes of managed memory (paged "
+              "optimizer state): cuda:", device, " has ", (int64_t)free_b, " of ",
+              (int64_t)total_b, " bytes free, ", in_use, " bytes of managed memory are already "
+              "allocated, and the host has ", host_b, " bytes available; paged state is never "
+              "allowed to oversubscribe the GPU. Use fewer trainable parameters, 8-bit "
+              "optimizer state (PagedAdamW8bit), or free GPU memory.");
   void* ptr = nullptr;
   const cudaError_t err = cudaMallocManaged(&ptr, (size_t)nbytes, cudaMemAttachGlobal);
   if (err != cudaSuccess) {
@@ -69,8 +81,17 @@ at::Tensor managed_empty(at::IntArrayRef size, at::ScalarType dtype, int64_t dev
                 " failed: ", cudaGetErrorString(err));
   }
   g_managed_bytes += nbytes;
-  auto deleter = [nbytes](void* p) {
+  // The tensor may die while another device is current (or in a thread that never set
+  // one): free it with its own device current, then restore the caller's. No throwing in
+  // a deleter, hence the runtime calls rather than a c10 guard.
+  const int owner = (int)device;
+  auto deleter = [nbytes, owner](void* p) {
+    int prev = -1;
+    const bool switched = cudaGetDevice(&prev) == cudaSuccess && prev != owner &&
+                          cudaSetDevice(owner) == cudaSuccess;
     cudaFree(p);
+    if (switched) cudaSetDevice(prev);
+    cudaGetLastError();  // a failed free must not surface in an unrelated later launch
     g_managed_bytes -= nbytes;
   };
   return at::for_blob(ptr, size).options(options).deleter(deleter).make_tensor();

@@ -46,7 +46,7 @@ def available_backends(device_type: str) -> list[str]:
         True
     """
     out = []
-    if device_type == "cuda" and _extension.cuda_kernels_built():
+    if device_type == "cuda" and _extension.cuda_kernels_runnable():
         out.append("cuda")
     if device_type == "cuda" and triton_available(device_type):
         out.append("triton")

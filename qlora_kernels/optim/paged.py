@@ -4,8 +4,11 @@ Large states (``numel >= PAGED_MIN_NUMEL``) of CUDA params go to memory from
 ``cudaMallocManaged`` (op ``qlora_kernels::managed_empty``): the driver pages it to host
 memory when the GPU runs short, and ``prefetch_`` moves it back before its update (only
 on devices that report concurrent managed access). Small states stay in ordinary memory.
-Where managed memory is unavailable (no CUDA, a CPU-only build, an unsupported device),
-``paged=True`` falls back to ordinary memory; the optimizer warns once.
+Where managed memory is unavailable (no CUDA, a CPU-only build, a device without managed
+memory or without concurrent managed access, e.g. Windows/WSL and some Jetsons, where
+nothing would page), ``paged=True`` falls back to ordinary memory, the state stays resident
+on the GPU, and the optimizer warns once. A state that would not fit in free GPU memory is
+refused with a clear error: paged state never oversubscribes the GPU.
 
 Example:
     >>> import torch
@@ -35,7 +38,7 @@ def _index(device: torch.device) -> int:
 
 def managed_supported(device) -> bool:
     """Whether ``device`` can hold managed optimizer state (a CUDA device, a CUDA build,
-    and a device that reports managed-memory support).
+    and a device that reports managed memory and concurrent managed access).
 
     Example:
         >>> managed_supported("cpu")
@@ -56,7 +59,9 @@ def fallback_reason(device) -> str | None:
     if device.type != "cuda":
         return f"params are on {device.type}, and unified memory needs a CUDA device"
     if not managed_supported(device):
-        return f"{device} or this build of qlora_kernels does not support managed memory"
+        return (f"{device} has no CUDA managed memory with concurrent managed access (e.g. "
+                "Windows/WSL, some Jetsons: no on-demand paging), or this build of "
+                "qlora_kernels has no managed-memory ops; the state stays resident on the GPU")
     return None
 
 
@@ -72,7 +77,7 @@ def state_zeros(shape, dtype: torch.dtype, device, paged: bool,
     device = torch.device(device)
     numel = math.prod(shape)
     if paged and numel >= min_numel and managed_supported(device):
-        # managed_empty raises a clear error when the request exceeds free GPU + host memory
+        # managed_empty raises a clear error when the request exceeds free GPU memory
         return _op("managed_empty")(list(shape), dtype, _index(device)).zero_()
     return torch.zeros(shape, dtype=dtype, device=device)
 

@@ -19,11 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_device
+from .dequantize_4bit import cast_rn
+
 
 @triton.jit
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, w, beta2, c2, bc2_sqrt, eps,
                   neg_step_size, W1_SMALL: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  APPLY_DECAY: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                  APPLY_DECAY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
@@ -43,12 +46,9 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, w, beta2, c2, bc2_sqrt, 
     v = tl.fma(c2 * g, g, v * beta2)
     denom = tl.math.div_rn(tl.math.sqrt_rn(v), bc2_sqrt) + eps
     p = p + tl.math.div_rn(neg_step_size * m, denom)
-    if OUT_BF16:  # round to nearest even by hand: the interpreter's bfloat16 cast truncates
-        bits = p.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(p_ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(p_ptr + offs, p.to(p_raw.dtype), mask=mask)
+    # cast_rn, not a plain cast: the interpreter's bfloat16 cast truncates, and a NaN must
+    # stay NaN whatever its payload (a GPU's 0x7FFFFFFF would round to -0.0 by the bits)
+    tl.store(p_ptr + offs, cast_rn(p, p_raw.dtype), mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
 
@@ -78,9 +78,10 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
     grid = (triton.cdiv(n, block),)
-    _adamw_kernel[grid](param, grad, exp_avg, exp_avg_sq, n, _f32(1.0 - lr * weight_decay),
-                        w1 if small else _f32(w1 - 1.0), _f32(beta2), _f32(1.0 - beta2),
-                        _f32(bc2 ** 0.5), _f32(eps), _f32(-(lr / bc1)), W1_SMALL=small,
-                        MAXIMIZE=bool(maximize), APPLY_DECAY=weight_decay != 0.0,
-                        OUT_BF16=param.dtype == torch.bfloat16, BLOCK=block,
-                        enable_fp_fusion=False)  # p*decay + update must not become one FMA
+    with on_device(param):
+        _adamw_kernel[grid](param, grad, exp_avg, exp_avg_sq, n, _f32(1.0 - lr * weight_decay),
+                            w1 if small else _f32(w1 - 1.0), _f32(beta2), _f32(1.0 - beta2),
+                            _f32(bc2 ** 0.5), _f32(eps), _f32(-(lr / bc1)), W1_SMALL=small,
+                            MAXIMIZE=bool(maximize), APPLY_DECAY=weight_decay != 0.0,
+                            BLOCK=block,
+                            enable_fp_fusion=False)  # p*decay + update must not become one FMA

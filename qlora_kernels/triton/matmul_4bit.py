@@ -44,13 +44,41 @@ from .dequantize_4bit import cast_rn, load_absmax
 # BLOCK_M, BLOCK_O, BLOCK_R, num_warps, num_stages. The stage counts are the most that fit in
 # 99 KiB: each stage holds the W tile's gathered bytes, nested scales and decoded values (~12
 # bytes per element), e.g. 16x64x64 tiles take 10 / 58 / 106 KiB with 1 / 2 / 3 stages.
-# tests/test_triton_sm89.py compiles each for sm_89 without a GPU and checks its shared
-# memory and that it spills no registers.
+# float32 x doubles the x tile and the decoded W tile: FLOAT32_STAGES lowers the stage count
+# of the configs that would not fit then (128x64x32 with 4 stages needs 128 KiB, 3 take 96).
+# tests/test_triton_sm89.py compiles each for sm_80/86/89 without a GPU (float32 and bf16)
+# and checks its shared memory and that it spills no registers.
 GPU_TILE_CONFIGS = [
     (16, 64, 64, 4, 2), (16, 128, 64, 8, 1), (32, 64, 64, 4, 2), (32, 128, 64, 8, 1),
     (64, 64, 64, 4, 2), (64, 128, 32, 4, 2), (128, 64, 32, 8, 4), (128, 128, 32, 8, 2),
     (64, 256, 32, 8, 1),
 ]
+FLOAT32_STAGES = {(128, 64, 32, 8): 3}
+
+
+def gpu_tile_configs(dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+    """GPU_TILE_CONFIGS with the stage counts for x of ``dtype``.
+
+    Example:
+        >>> [c for c in gpu_tile_configs(torch.float32) if c[:4] == (128, 64, 32, 8)]
+        [(128, 64, 32, 8, 3)]
+    """
+    if dtype != torch.float32:
+        return list(GPU_TILE_CONFIGS)
+    return [(*c[:4], FLOAT32_STAGES.get(c[:4], c[4])) for c in GPU_TILE_CONFIGS]
+
+
+def _config(bm, bo, br, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_R": br, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+def _fit_to_dtype(configs, named_args, **kwargs):
+    """Autotune pruning: the candidates for this call's x dtype (the autotuner keys its
+    cache on argument dtypes too, so each dtype is tuned over its own list)."""
+    if named_args["x_ptr"].dtype != torch.float32:
+        return configs
+    return [_config(*c) for c in gpu_tile_configs(torch.float32)]
 
 
 def _configs():
@@ -64,19 +92,19 @@ def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_O": 32, "BLOCK_R": 32, "GROUP_M": 8},
                               num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_R": br, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bo, br, w, s in GPU_TILE_CONFIGS]
+    return [_config(*c) for c in GPU_TILE_CONFIGS]
 
 
 # --- kernel -------------------------------------------------------------------------------
 # Tuned per power-of-two bucket of M, not per M: training with variable sequence lengths
 # would otherwise benchmark every candidate again for each new token count.
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "TRANSPOSE_W", "NESTED"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "TRANSPOSE_W", "NESTED"],
+                 prune_configs_by={"early_config_prune": _fit_to_dtype})
 @triton.jit
 def _matmul_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                        nested_code_ptr, offset, y_ptr, M, M_BUCKET, N, K,
+                        nested_code_ptr, offset, bias_ptr, y_ptr, M, M_BUCKET, N, K,
                         stride_xm, stride_xr, stride_ym, stride_yo,
-                        BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                        BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
                         TRANSPOSE_W: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         DOT_UPCAST: tl.constexpr, INDEX_64: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -128,6 +156,8 @@ def _matmul_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_p
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:  # added to the float32 sum: one rounding, as the GEMV and CPU paths do
+        acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     y = cast_rn(acc, y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :] * stride_yo, y,
              mask=m_ok[:, None] & o_ok[None, :])
@@ -138,12 +168,14 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
                        code: torch.Tensor, blocksize: int, N: int, K: int,
                        nested_absmax: Optional[torch.Tensor] = None,
                        nested_code: Optional[torch.Tensor] = None, offset: float = 0.0,
-                       transpose_w: bool = False) -> torch.Tensor:
+                       transpose_w: bool = False,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T`` (or ``x @ W`` with ``transpose_w``) for the packed 4-bit (N, K) weight W.
 
     ``x`` is [..., K] (or [..., N] transposed), float32/float16/bfloat16; the result has
     x's dtype and leading dims. Accumulates in float32; float32 inputs use IEEE (not TF32)
-    products so the result tracks ``x @ dequantize(W).T`` closely.
+    products so the result tracks ``x @ dequantize(W).T`` closely. ``bias`` ([N], forward
+    only) is added to the float32 sum before the single rounding to x's dtype.
 
     Example:
         >>> y = matmul_4bit_triton(torch.randn(3, 200), packed, absmax,
@@ -164,6 +196,12 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
                             nested_absmax, nested_code)
     if x.device != packed.device:
         raise ValueError(f"matmul_4bit: x is on {x.device} but the weight on {packed.device}")
+    if bias is not None:
+        if transpose_w:
+            raise ValueError("matmul_4bit: bias is only added in the forward (transpose_w=False)")
+        if bias.numel() != N or bias.device != x.device or bias.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"matmul_4bit: bias must be a float tensor of {N} values on "
+                             f"{x.device}, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, red)
     M = x2.shape[0]
@@ -177,9 +215,9 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
     with on_device(x):
         _matmul_4bit_kernel[grid](
             x2, flat(packed), flat(absmax), flat(code), flat(nested_absmax), flat(nested_code),
-            float(offset), y, M, next_pow2(M), N, K, x2.stride(0), x2.stride(1), y.stride(0),
-            y.stride(1),
-            BLOCKSIZE=int(blocksize), NESTED=nested_absmax is not None,
+            float(offset), flat(bias), y, M, next_pow2(M), N, K, x2.stride(0), x2.stride(1),
+            y.stride(0), y.stride(1),
+            BLOCKSIZE=int(blocksize), NESTED=nested_absmax is not None, HAS_BIAS=bias is not None,
             TRANSPOSE_W=bool(transpose_w),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
             # Triton's interpreter multiplies bfloat16 tiles as their raw uint16 bits in
