@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import ops  # noqa: F401  (registers fakes and fallbacks)
-from .backends import get_backend
+from .backends import backend_for_call
 from .formats import (NESTED_BLOCKSIZE, check_blocksize, check_quant_type, get_4bit_code,
                       get_dq_code)
 from .quant_state import QuantState
@@ -54,7 +54,8 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None, blo
     code = get_dq_code("dynamic" if code is None else code).to(A.device)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
-    q, absmax = get_backend(A.device, backend).quantize_8bit(A.reshape(-1), code, int(blocksize))
+    with backend_for_call(A.device, backend):
+        q, absmax = torch.ops.qlora_kernels.quantize_8bit(A.reshape(-1), code, int(blocksize))
     _raise_if_not_finite(absmax, blocksize, "quantize_blockwise")
     return q, absmax
 
@@ -71,8 +72,9 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: Optional[t
         tensor(True)
     """
     code = get_dq_code("dynamic" if code is None else code).to(q.device)
-    return get_backend(q.device, backend).dequantize_8bit(q.reshape(-1), absmax, code,
-                                                          int(blocksize), dtype)
+    with backend_for_call(q.device, backend):
+        return torch.ops.qlora_kernels.dequantize_8bit(q.reshape(-1), absmax, code,
+                                                       int(blocksize), dtype)
 
 
 def double_quantize_absmax(absmax: torch.Tensor, dq_code: Union[str, torch.Tensor] = "fp8",
@@ -117,8 +119,9 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     _check_float_input(A, "quantize_4bit")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    be = get_backend(A.device, backend)
-    packed, absmax = be.quantize_4bit(A.reshape(-1), int(blocksize), quant_type)
+    with backend_for_call(A.device, backend):
+        packed, absmax = torch.ops.qlora_kernels.quantize_4bit(A.reshape(-1), int(blocksize),
+                                                               quant_type)
     _raise_if_not_finite(absmax, blocksize, "quantize_4bit")
     code = get_4bit_code(quant_type, A.device)
     state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=int(blocksize),
@@ -168,19 +171,18 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional
         raise ValueError(f"dequantize_4bit: packed is on {packed.device} but its state on "
                          f"{state.absmax.device}; move both with .to(device)")
     dtype = out_dtype or state.dtype
-    be = get_backend(packed.device, backend)
-    nested = state.state2
+    absmax, code, blocksize, nested_absmax, nested_code, offset = state.op_args()
     if out is not None:
         if out.numel() != state.numel or not out.is_contiguous() or out.device != packed.device:
             raise ValueError(f"dequantize_4bit: out must be a contiguous tensor of {state.numel} "
                              f"elements on {packed.device}, got {tuple(out.shape)} on {out.device}")
-        be.dequantize_4bit_out(packed, state.absmax, state.code, state.blocksize,
-                               nested.absmax if nested is not None else None,
-                               nested.code if nested is not None else None,
-                               float(state.offset or 0.0), out.view(-1))
+        with backend_for_call(packed.device, backend):
+            torch.ops.qlora_kernels.dequantize_4bit_out(packed, absmax, code, blocksize,
+                                                        nested_absmax, nested_code, offset,
+                                                        out.view(-1))
         return out.view(state.shape)
-    out = be.dequantize_4bit(packed, state.absmax, state.code, state.blocksize, state.numel, dtype,
-                             nested.absmax if nested is not None else None,
-                             nested.code if nested is not None else None,
-                             float(state.offset or 0.0))
+    with backend_for_call(packed.device, backend):
+        out = torch.ops.qlora_kernels.dequantize_4bit(packed, absmax, code, blocksize,
+                                                      state.numel, dtype, nested_absmax,
+                                                      nested_code, offset)
     return out.view(state.shape)

@@ -8,6 +8,8 @@ kernels register per device. This module adds what Python owns:
   match the C++ ones) with the PyTorch reference as their implementation;
 * on CUDA devices without compiled CUDA kernels, the Triton kernels (or the reference).
 
+Overrides (``qk.use_backend``) are registered by qlora_kernels/backends/__init__.py.
+
 Example:
     >>> import torch, qlora_kernels
     >>> packed, absmax = torch.ops.qlora_kernels.quantize_4bit(torch.randn(64), 64, "nf4")
@@ -19,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _extension
-from .backends import torch as reference  # the submodule, not the torch package
-from .optim import reference as optim_reference
+from .backends import reference
 
 # Mirrors csrc/ops.cpp (tests/test_ops.py compares them when the extension is loaded).
 SCHEMAS = {
@@ -76,59 +77,39 @@ SCHEMAS = {
     "is_managed": "is_managed(Tensor t) -> bool",
 }
 
-# Ops with a reference implementation that can stand in for a missing kernel.
-_REFERENCE_IMPLS = {
-    "quantize_4bit": reference.quantize_4bit,
-    "dequantize_4bit": reference.dequantize_4bit,
-    "dequantize_4bit_out": reference.dequantize_4bit_out,
-    "quantize_8bit": reference.quantize_8bit,
-    "dequantize_8bit": reference.dequantize_8bit,
-    "gemv_4bit": reference.gemv_4bit,
-    "adamw_step_": optim_reference.adamw_step_,
-    "adamw_step_multi_": optim_reference.adamw_step_multi_,
-    "adamw8bit_step_": optim_reference.adamw8bit_step_,
-    "managed_supported": optim_reference.managed_supported,
-    "managed_empty": optim_reference.managed_empty,
-    "managed_prefetch_": optim_reference.managed_prefetch_,
-    "is_managed": optim_reference.is_managed,
-}
-# Ops whose compiled kernels exist only in CUDA builds (csrc/cuda/managed_memory.cpp, which
-# registers them for every device); a CPU-only build gets the reference "nothing is managed".
-_MANAGED_OPS = ("managed_supported", "managed_empty", "managed_prefetch_", "is_managed")
-
 _fallback_lib = None
 _managed_lib = None
 
 
 def _register_fallbacks() -> None:
-    global _fallback_lib
+    """The default registrations Python owns (backends/__init__.py explains the routing)."""
+    global _fallback_lib, _managed_lib
+    reference_impls = reference.fallback_impls()
     if not _extension.EXTENSION_LOADED:
         _fallback_lib = torch.library.Library("qlora_kernels", "DEF")
         for name, schema in SCHEMAS.items():
             _fallback_lib.define(schema)
-            if name in _REFERENCE_IMPLS:
-                _fallback_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
+            if name in reference_impls:
+                _fallback_lib.impl(name, reference_impls[name], "CompositeExplicitAutograd")
         return
+    # The managed-memory kernels exist only in CUDA builds (csrc/cuda/managed_memory.cpp
+    # registers them for every device); a CPU-only build gets the reference "nothing is managed".
     if not _extension.has_kernel("managed_supported", "CompositeExplicitAutograd"):
-        global _managed_lib
         _managed_lib = torch.library.Library("qlora_kernels", "IMPL")
-        for name in _MANAGED_OPS:
-            _managed_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
+        for name in reference.MANAGED_OPS:
+            _managed_lib.impl(name, reference_impls[name], "CompositeExplicitAutograd")
     # Extension loaded: CUDA tensors still need a kernel when it was built without CUDA.
     if torch.version.cuda is None:
         return
-    impl_lib = torch.library.Library("qlora_kernels", "IMPL")
     try:
         from .backends import triton as triton_backend
+        stand_ins = triton_backend.stand_in_impls()
     except Exception:  # triton missing or broken: the reference keeps CUDA tensors working
-        triton_backend = None
-    for name, ref_fn in _REFERENCE_IMPLS.items():
-        if name in _MANAGED_OPS:
-            continue
-        if not _extension.has_kernel(name, "CUDA"):
-            fn = getattr(triton_backend, name, None) if triton_backend is not None else None
-            impl_lib.impl(name, fn or ref_fn, "CUDA")
-    _fallback_lib = impl_lib
+        stand_ins = {}
+    _fallback_lib = torch.library.Library("qlora_kernels", "IMPL")
+    for name, ref_fn in reference_impls.items():
+        if name not in reference.MANAGED_OPS and not _extension.has_kernel(name, "CUDA"):
+            _fallback_lib.impl(name, stand_ins.get(name, ref_fn), "CUDA")
 
 
 _register_fallbacks()

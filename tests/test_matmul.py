@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import qlora_kernels as qk
 from qlora_kernels import matmul as mm
-from qlora_kernels.backends import torch as ref
+from qlora_kernels.backends import reference as ref
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..functional import dequantize_4bit, quantize_4bit
+from ..matmul import matmul_4bit_call
 from ..quant_state import QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -158,7 +159,8 @@ class Linear4bit(nn.Module):
         s2 = state.state2
         self.register_buffer("nested_absmax", None if s2 is None else s2.absmax, persistent=False)
         self.register_buffer("nested_quant_map", None if s2 is None else s2.code, persistent=False)
-        self.offset = float(state.offset) if state.offset is not None else 0.0
+        self.offset = None if state.offset is None else float(state.offset)
+        self.__dict__.pop("_state_cache", None)
         self.blocksize, self.quant_type, self.weight_dtype = state.blocksize, state.quant_type, state.dtype
 
     @property
@@ -202,15 +204,23 @@ class Linear4bit(nn.Module):
 
     @property
     def quant_state(self) -> QuantState:
-        """The ``QuantState`` of the weight, built from the module's buffers."""
+        """The ``QuantState`` of the weight, built from the module's buffers (and kept while
+        they are the same tensors: forward reads its op arguments from it)."""
+        b = self._buffers
+        key = (b["absmax"], b["quant_map"], b["nested_absmax"], b["nested_quant_map"])
+        cached = self.__dict__.get("_state_cache")
+        if cached is not None and all(x is y for x, y in zip(cached[0], key)):
+            return cached[1]
         state2 = None
         if self.double_quant:
             state2 = QuantState(absmax=self.nested_absmax, shape=None, dtype=torch.float32,
                                 blocksize=256, quant_type="8bit", code=self.nested_quant_map)
-        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                          dtype=self.weight_dtype, blocksize=self.blocksize,
-                          quant_type=self.quant_type, code=self.quant_map,
-                          offset=self.offset if self.double_quant else None, state2=state2)
+        state = QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                           dtype=self.weight_dtype, blocksize=self.blocksize,
+                           quant_type=self.quant_type, code=self.quant_map,
+                           offset=self.offset, state2=state2)
+        self.__dict__["_state_cache"] = (key, state)
+        return state
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight (out, in), in ``dtype`` (default: the original weight dtype).
@@ -230,11 +240,12 @@ class Linear4bit(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"Linear4bit: input must be floating point, got {x.dtype}")
         cdt = self.compute_dtype or x.dtype
-        bias = None if self.bias is None else self.bias.to(cdt)
-        y = torch.ops.qlora_kernels.matmul_4bit(
-            x.to(cdt), self.packed_weight, self.absmax, self.quant_map, self.blocksize,
-            self.out_features, self.nested_absmax, self.nested_quant_map, self.offset, bias)
-        return y.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != cdt:
+            bias = bias.to(cdt)
+        y = matmul_4bit_call(x if x.dtype == cdt else x.to(cdt), self.packed_weight,
+                             self.out_features, self.quant_state.op_args(), bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -247,6 +258,7 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         # Packed bytes and float32 scales must never be cast (model.to(torch.bfloat16) would
         # otherwise corrupt them): they follow device moves only.
+        self.__dict__.pop("_state_cache", None)  # it would keep the old tensors alive
         frozen = {}
         for name in _FROZEN:
             t = self._parameters.pop(name, None) if name == "weight" else self._buffers.pop(name, None)

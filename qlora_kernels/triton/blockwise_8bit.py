@@ -1,5 +1,5 @@
 """Triton 8-bit blockwise quantization with a sorted 256-entry code (dynamic map, FP8, or
-any table), bit-exact with ``qlora_kernels.backends.torch.quantize_8bit/dequantize_8bit``.
+any table), bit-exact with ``qlora_kernels.backends.reference.quantize_8bit/dequantize_8bit``.
 Used for double quantization of absmax and for 8-bit optimizer state.
 
 Kernels: quantize: one program handles ROWS blocks as a [ROWS, CHUNK] tile, sweeping each

@@ -1,5 +1,5 @@
 """Triton 4-bit blockwise dequantization, with the double-quantized absmax decoded in the
-same kernel; bit-exact with ``qlora_kernels.backends.torch.dequantize_4bit``.
+same kernel; bit-exact with ``qlora_kernels.backends.reference.dequantize_4bit``.
 
 Kernel: one program turns BYTES packed bytes into 2*BYTES outputs. Both codes of a byte
 belong to one block (blocksizes are even), so each byte needs one absmax. With a nested
