@@ -15,17 +15,15 @@ import torch
 
 from . import ops  # noqa: F401  (registers fakes and fallbacks)
 from .backends import backend_for_call
-from .formats import (NESTED_BLOCKSIZE, check_blocksize, check_quant_type, get_4bit_code,
+from .formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, check_quant_type, get_4bit_code,
                       get_dq_code)
 from .quant_state import QuantState
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_float_input(A: torch.Tensor, what: str) -> None:
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{what}: expected a tensor, got {type(A).__name__}")
-    if A.dtype not in _FLOAT_DTYPES:
+    if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: input must be float32, float16 or bfloat16, got {A.dtype}")
 
 

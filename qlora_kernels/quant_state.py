@@ -20,8 +20,9 @@ import torch
 from .formats import NESTED_BLOCKSIZE, QUANT_TYPES
 
 _PACKED_KEY = "quant_state.bitsandbytes__"
-_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_VALID_KEYS = set(_TENSOR_KEYS) | {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
+# The tensors of a state, named as bitsandbytes names them (Linear4bit's buffers too).
+STATE_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_VALID_KEYS = set(STATE_TENSOR_KEYS) | {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
                                    "nested_dtype", "nested_offset"}
 
 

@@ -22,10 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...formats import (NESTED_BLOCKSIZE, encode_thresholds, fp4_rank_to_pattern,
+from ...formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, encode_thresholds, fp4_rank_to_pattern,
                         check_blocksize, check_quant_type)
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -70,7 +68,7 @@ def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    if A.dtype not in _FLOAT_DTYPES:
+    if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize_4bit: input must be float32, float16 or bfloat16, got {A.dtype}")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
@@ -106,7 +104,7 @@ def dequantize_4bit_out(packed, absmax, code, blocksize: int, nested_absmax, nes
 
 
 def quantize_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    if A.dtype not in _FLOAT_DTYPES:
+    if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize_8bit: input must be float32, float16 or bfloat16, got {A.dtype}")
     x = A.reshape(-1).float()
     n = x.numel()
