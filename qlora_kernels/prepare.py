@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .lora import QLoRALinear
+from .memory import parameter_counts, weight_bytes
 from .nn import Linear4bit
 
 _HEAD_NAMES = ("lm_head", "embed_out")
@@ -134,49 +135,6 @@ def resolve_target_modules(model: nn.Module, target_modules: Union[str, Sequence
     return chosen
 
 
-# ---------------------------------------------------------------------------- accounting
-def _unique_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
-    seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t is not None and id(t) not in seen:
-            seen.add(id(t))
-            yield t
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by a model's parameters and buffers (tied tensors counted once).
-
-    Example:
-        >>> import torch
-        >>> weight_bytes(torch.nn.Linear(4, 4))
-        80
-    """
-    return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
-
-
-def parameter_counts(model: nn.Module) -> Dict[str, int]:
-    """``{"trainable": n, "total": n}`` counting a 4-bit weight as its logical out x in
-    parameters (not its packed bytes).
-
-    Example:
-        >>> import torch
-        >>> parameter_counts(torch.nn.Linear(4, 4))
-        {'trainable': 20, 'total': 20}
-    """
-    packed = {id(m.weight): m.in_features * m.out_features
-              for m in model.modules() if isinstance(m, Linear4bit)}
-    trainable = total = 0
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = packed.get(id(p), p.numel())
-        total += n
-        trainable += n if p.requires_grad else 0
-    return {"trainable": trainable, "total": total}
-
-
 def _summary_line(counts: Dict[str, int], before: int, after: int) -> str:
     pct = 100.0 * counts["trainable"] / max(counts["total"], 1)
     return (f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
@@ -185,7 +143,14 @@ def _summary_line(counts: Dict[str, int], before: int, after: int) -> str:
 
 
 # ---------------------------------------------------------------------------- conversion
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the sub-module called ``name`` (dotted path) by ``module``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2)); set_module(m, "0", torch.nn.Identity()); m[0]
+        Identity()
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -269,7 +234,7 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         wrapped = QLoRALinear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               use_rslora=use_rslora, init=init,
                               adapter_dtype=adapter_dtype or (compute_dtype if quantize else None))
-        _set_module(model, name, wrapped)
+        set_module(model, name, wrapped)
         del layer, base, wrapped
     _freeze_all_but_lora(model)
     enable_input_require_grads(model)
@@ -321,6 +286,6 @@ def merge_lora(model: nn.Module, requantize: bool = False,
         raise ValueError(f"merge_lora: {type(model).__name__} has no QLoRALinear layer to merge")
     for name in names:
         merged = model.get_submodule(name).merge(requantize=requantize, dtype=dtype)
-        _set_module(model, name, merged)
+        set_module(model, name, merged)
         del merged
     return model

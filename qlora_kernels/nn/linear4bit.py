@@ -23,68 +23,11 @@ from torch import nn
 
 from ..functional import dequantize_4bit, quantize_4bit
 from ..matmul import matmul_4bit_call
-from ..quant_state import QuantState
+from ..quant_state import STATE_TENSOR_KEYS, QuantState
+from .packed_storage import (QUANT_STORAGE_DTYPES, check_storage,  # noqa: F401
+                             is_dtensor, packed_to_storage, storage_to_packed)
 
-_STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_FROZEN = ("weight",) + _STATE_BUFFERS
-# dtypes the packed bytes may be viewed as (``quant_storage``): FSDP shards a parameter
-# group in one dtype, so the 4-bit weight can take the dtype of the parameters beside it.
-QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
-
-
-def _check_storage(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in QUANT_STORAGE_DTYPES:
-        raise ValueError(f"quant_storage must be one of {QUANT_STORAGE_DTYPES}, got {dtype}")
-    return dtype
-
-
-def packed_to_storage(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The packed uint8 bytes ``(nbytes, 1)`` viewed as ``dtype``: shape ``(ceil(nbytes /
-    itemsize), 1)``, the tail padded with zero bytes when ``nbytes`` is not a multiple.
-    No copy when no padding is needed.
-
-    Example:
-        >>> import torch
-        >>> packed_to_storage(torch.arange(5, dtype=torch.uint8).view(5, 1), torch.bfloat16).shape
-        torch.Size([3, 1])
-    """
-    _check_storage(dtype)
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed weight: expected uint8, got {packed.dtype}")
-    if dtype == torch.uint8:
-        return packed
-    flat = packed.reshape(-1)
-    pad = (-flat.numel()) % dtype.itemsize
-    if pad or flat.storage_offset() % dtype.itemsize:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(dtype).view(-1, 1)
-
-
-def storage_to_packed(weight: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """Inverse of ``packed_to_storage``: the first ``nbytes`` bytes of ``weight`` as the uint8
-    ``(nbytes, 1)`` tensor of the bitsandbytes layout (a view, no copy).
-
-    Example:
-        >>> import torch
-        >>> w = packed_to_storage(torch.arange(5, dtype=torch.uint8).view(5, 1), torch.float32)
-        >>> storage_to_packed(w, 5).flatten().tolist()
-        [0, 1, 2, 3, 4]
-    """
-    if weight.dtype == torch.uint8:
-        return weight if weight.shape == (nbytes, 1) else weight.reshape(-1)[:nbytes].view(nbytes, 1)
-    flat = weight.reshape(-1).view(torch.uint8)
-    if not nbytes <= flat.numel() < nbytes + weight.element_size():
-        raise ValueError(f"packed weight: {weight.numel()} {weight.dtype} values hold "
-                         f"{flat.numel()} bytes, expected {nbytes} (+ padding below one value)")
-    return flat[:nbytes].view(nbytes, 1)
-
-
-def is_dtensor(t) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2-sharded parameter), without
-    importing torch.distributed."""
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
-
-
+_FROZEN = ("weight",) + STATE_TENSOR_KEYS
 class Linear4bit(nn.Module):
     """``y = x @ W^T + b`` with W stored 4-bit (NF4/FP4/INT4, optional double quantization).
 
@@ -108,7 +51,7 @@ class Linear4bit(nn.Module):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.compute_dtype = compute_dtype
-        self.quant_storage = _check_storage(quant_storage)
+        self.quant_storage = check_storage(quant_storage)
         # Initialise like nn.Linear, then quantize.
         w = torch.empty(out_features, in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
@@ -140,7 +83,7 @@ class Linear4bit(nn.Module):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype
-        self.quant_storage = _check_storage(quant_storage)
+        self.quant_storage = check_storage(quant_storage)
         w = linear.weight.detach()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=linear.bias.requires_grad)
@@ -194,7 +137,7 @@ class Linear4bit(nn.Module):
             (torch.bfloat16, (512, 1), (1024, 1))
         """
         packed = self.packed_weight
-        self.quant_storage = _check_storage(dtype)
+        self.quant_storage = check_storage(dtype)
         self.weight = nn.Parameter(packed_to_storage(packed, dtype), requires_grad=False)
         return self
 
