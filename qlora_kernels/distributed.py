@@ -40,7 +40,7 @@ from torch import nn
 
 from .nn import Linear4bit
 from .quant_state import STATE_TENSOR_KEYS
-from .nn.packed_storage import is_dtensor as _is_dtensor, storage_to_packed
+from .packed_storage import is_dtensor as _is_dtensor, storage_to_packed
 
 __all__ = ["set_quant_storage", "shard_model", "full_state_dict", "save_full_state_dict",
            "save_adapter_rank0", "local_shard_bytes", "rank", "world_size"]

@@ -24,7 +24,7 @@ from torch import nn
 from ..functional import dequantize_4bit, quantize_4bit
 from ..matmul import matmul_4bit_call
 from ..quant_state import STATE_TENSOR_KEYS, QuantState
-from .packed_storage import (QUANT_STORAGE_DTYPES, check_storage,  # noqa: F401
+from ..packed_storage import (QUANT_STORAGE_DTYPES, check_storage,  # noqa: F401
                              is_dtensor, packed_to_storage, storage_to_packed)
 
 _FROZEN = ("weight",) + STATE_TENSOR_KEYS

@@ -4,7 +4,7 @@ parameters beside it. The bytes are the same; only their view changes.
 
 Example:
     >>> import torch
-    >>> from qlora_kernels.nn.packed_storage import packed_to_storage, storage_to_packed
+    >>> from qlora_kernels.packed_storage import packed_to_storage, storage_to_packed
     >>> w = packed_to_storage(torch.arange(6, dtype=torch.uint8).view(6, 1), torch.float16)
     >>> storage_to_packed(w, 6).flatten().tolist()
     [0, 1, 2, 3, 4, 5]
