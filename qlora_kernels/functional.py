@@ -17,6 +17,8 @@ from . import ops  # noqa: F401  (registers fakes and fallbacks)
 from .backends import backend_for_call
 from .formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, check_quant_type, get_4bit_code,
                       get_dq_code)
+from .aliases import pick
+from .packed_storage import packed_to_storage, storage_to_packed
 from .quant_state import QuantState
 
 
@@ -96,14 +98,17 @@ def double_quantize_absmax(absmax: torch.Tensor, dq_code: Union[str, torch.Tenso
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
-                  double_quant: bool = True, dq_code: Union[str, torch.Tensor] = "fp8",
-                  backend: Optional[str] = None):
+                  double_quant: Optional[bool] = None, dq_code: Union[str, torch.Tensor] = "fp8",
+                  backend: Optional[str] = None, *, compress_statistics: Optional[bool] = None,
+                  quant_storage: torch.dtype = torch.uint8):
     """Blockwise 4-bit quantization in the bitsandbytes layout.
 
     ``A`` is float32/float16/bfloat16 of any shape (read as flat, non-contiguous is fine).
     Returns ``(packed, state)``: packed uint8 of shape ``((numel + 1) // 2, 1)`` and a
     ``QuantState``. With ``double_quant`` the absmax is stored as 8 bits
     (``dq_code``: "fp8" E4M3 by default, or "dynamic", or a 256-entry table).
+    bitsandbytes' names work too: ``compress_statistics`` for ``double_quant`` (default
+    True), and ``quant_storage`` returns the packed bytes viewed as that dtype.
 
     Raises TypeError for non-float input, ValueError for an unsupported blocksize or
     quant_type, and ValueError naming the first block holding NaN or Inf.
@@ -114,6 +119,8 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         >>> packed.shape, state.shape
         (torch.Size([12821, 1]), torch.Size([333, 77]))
     """
+    double_quant = pick("double_quant", double_quant, "compress_statistics", compress_statistics,
+                        default=True)
     _check_float_input(A, "quantize_4bit")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
@@ -127,6 +134,8 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     if double_quant:
         qabsmax, offset, state2 = double_quantize_absmax(absmax, dq_code, backend)
         state.absmax, state.offset, state.state2 = qabsmax, offset, state2
+    if quant_storage != torch.uint8:
+        packed = packed_to_storage(packed, quant_storage)
     return packed, state
 
 
@@ -147,9 +156,12 @@ def dequantize_absmax(state: QuantState, backend: Optional[str] = None) -> torch
     return scale + state.offset
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional[torch.dtype] = None,
-                    backend: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Dequantize ``packed`` to ``state.shape`` and ``state.dtype`` (or ``out_dtype``).
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None,
+                    backend: Optional[str] = None, out: Optional[torch.Tensor] = None, *,
+                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dequantize ``packed`` to ``state.shape`` and ``state.dtype`` (or ``dtype``;
+    ``out_dtype`` is its deprecated former name). ``packed`` may be stored as another dtype
+    (``quantize_4bit(..., quant_storage=...)``).
 
     With a double-quantized state the 8-bit absmax is decoded inside the same kernel pass.
     ``out``: an optional preallocated contiguous tensor of ``state.numel`` elements (its
@@ -164,11 +176,14 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"dequantize_4bit: state must be a QuantState, got {type(state).__name__}")
+    dtype = pick("dtype", dtype, "out_dtype", out_dtype, default=None, deprecated=True)
+    if packed.dtype != torch.uint8:
+        packed = storage_to_packed(packed, (state.numel + 1) // 2)
     state.validate(packed)
     if packed.device != state.absmax.device:
         raise ValueError(f"dequantize_4bit: packed is on {packed.device} but its state on "
                          f"{state.absmax.device}; move both with .to(device)")
-    dtype = out_dtype or state.dtype
+    dtype = dtype or state.dtype
     absmax, code, blocksize, nested_absmax, nested_code, offset = state.op_args()
     if out is not None:
         if out.numel() != state.numel or not out.is_contiguous() or out.device != packed.device:

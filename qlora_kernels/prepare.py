@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .compute_dtype import resolve_compute_dtype
 from .lora import QLoRALinear
 from .memory import parameter_counts, weight_bytes
 from .nn import Linear4bit
@@ -191,11 +192,12 @@ def enable_input_require_grads(model: nn.Module) -> bool:
 def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = "all-linear",
                   r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                   use_rslora: bool = False, init: str = "kaiming", quantize: bool = True,
-                  quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                  compute_dtype: Optional[torch.dtype] = torch.bfloat16,
+                  compute_dtype: Union[None, str, torch.dtype] = "auto",
+                  quant_type: str = "nf4", blocksize: int = 64, double_quant: Optional[bool] = None,
                   dq_code: Union[str, torch.Tensor] = "fp8",
                   adapter_dtype: Optional[torch.dtype] = None, verbose: bool = True,
-                  quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+                  quant_storage: torch.dtype = torch.uint8, *,
+                  compress_statistics: Optional[bool] = None) -> nn.Module:
     """Convert ``model`` in place for QLoRA training and return it.
 
     Each targeted ``nn.Linear`` becomes ``QLoRALinear(Linear4bit.from_linear(...))`` (with
@@ -206,7 +208,10 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     embeddings (when the model has ``get_input_embeddings``) get a hook making their output
     require grad, for gradient checkpointing. Prints one summary line unless
     ``verbose=False``. ``quant_storage`` (uint8, or bf16/fp16/fp32 views of the same
-    bytes) is the packed weights' dtype, for FSDP (see docs/fsdp.md).
+    bytes) is the packed weights' dtype, for FSDP (see docs/fsdp.md). ``compute_dtype``
+    defaults to ``"auto"`` (``qlora_kernels.compute_dtype.resolve_compute_dtype``: bf16 on
+    GPUs and on CPUs with native bf16, else float32); ``compress_statistics`` is
+    bitsandbytes' name for ``double_quant``.
 
     Raises ValueError (listing available names) when ``target_modules`` matches nothing.
 
@@ -221,6 +226,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         raise TypeError("prepare_model converts a model's sub-layers; wrap a single layer "
                         "with QLoRALinear(...) directly")
     names = resolve_target_modules(model, target_modules)
+    first = next(model.parameters(), None)
+    compute_dtype = resolve_compute_dtype(compute_dtype, None if first is None else first.device)
     before = weight_bytes(model)
     # Names only: holding the modules themselves would keep every dense weight alive.
     for name in names:
@@ -228,7 +235,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         if quantize and isinstance(layer, nn.Linear):
             base = Linear4bit.from_linear(layer, quant_type=quant_type, blocksize=blocksize,
                                           double_quant=double_quant, compute_dtype=compute_dtype,
-                                          dq_code=dq_code, quant_storage=quant_storage)
+                                          dq_code=dq_code, quant_storage=quant_storage,
+                                          compress_statistics=compress_statistics)
         else:
             base = layer
         wrapped = QLoRALinear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,

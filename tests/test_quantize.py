@@ -91,7 +91,7 @@ def test_round_trip_is_a_fixed_point(qt, dtype, rng):
     x = _rand(333 * 77, dtype, rng)
     p, s = qk.quantize_4bit(x, quant_type=qt, double_quant=False)
     # the dequantized tensor, in float32, quantizes back to the same bytes
-    y = qk.dequantize_4bit(p, s, out_dtype=torch.float32)
+    y = qk.dequantize_4bit(p, s, dtype=torch.float32)
     p2, s2 = qk.quantize_4bit(y, quant_type=qt, double_quant=False)
     assert torch.equal(s.absmax, s2.absmax)
     if qt != "fp4":

@@ -226,7 +226,7 @@ def test_matmul_4bit(shape_index, nested, transpose_w, rng):
         y = tb.matmul_4bit_triton(x, packed, st.absmax, st.code, bs, N, K,
                            transpose_w=transpose_w, **extra)
         # the kernel multiplies x by W rounded to x.dtype and accumulates in float32
-        Wd = qk.dequantize_4bit(packed, st, out_dtype=dtype, backend="torch").float()
+        Wd = qk.dequantize_4bit(packed, st, dtype=dtype, backend="torch").float()
         want = x.float() @ (Wd if transpose_w else Wd.T)
         assert y.dtype == dtype and y.shape == want.shape
         tol = GEMM_TOL[dtype]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..functional import dequantize_4bit, quantize_4bit
+from ..compute_dtype import resolve_compute_dtype
 from ..matmul import matmul_4bit_call
 from ..quant_state import STATE_TENSOR_KEYS, QuantState
 from ..packed_storage import (QUANT_STORAGE_DTYPES, check_storage,  # noqa: F401
@@ -32,7 +33,11 @@ class Linear4bit(nn.Module):
     """``y = x @ W^T + b`` with W stored 4-bit (NF4/FP4/INT4, optional double quantization).
 
     Gradients flow to ``x`` (and ``bias``), never to the frozen weight. ``x`` is cast to
-    ``compute_dtype`` (default: x's own dtype) and the result back to x's dtype.
+    ``compute_dtype`` (default: x's own dtype; ``"auto"``: see
+    ``qlora_kernels.compute_dtype.resolve_compute_dtype``) and the result back to x's dtype.
+    The arguments follow bitsandbytes' ``Linear4bit`` (``compress_statistics`` is accepted
+    for ``double_quant``); ``compute_dtype`` comes right before ``quant_type`` here, in
+    ``from_linear`` and in ``prepare_model``.
 
     Example:
         >>> import torch, qlora_kernels as qk
@@ -44,13 +49,14 @@ class Linear4bit(nn.Module):
     quant_storage = torch.uint8  # instance attribute once set; see set_quant_storage
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 compute_dtype: Optional[torch.dtype] = None, quant_type: str = "nf4",
-                 blocksize: int = 64, double_quant: bool = True,
+                 compute_dtype: Union[None, str, torch.dtype] = None, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: Optional[bool] = None,
                  dq_code: Union[str, torch.Tensor] = "fp8", device=None,
-                 dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8):
+                 dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8, *,
+                 compress_statistics: Optional[bool] = None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, device)
         self.quant_storage = check_storage(quant_storage)
         # Initialise like nn.Linear, then quantize.
         w = torch.empty(out_features, in_features, device=device, dtype=dtype)
@@ -61,14 +67,17 @@ class Linear4bit(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)
                                      .uniform_(-bound, bound))
         self._set_quantized(*quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                           double_quant=double_quant, dq_code=dq_code))
+                                           double_quant=double_quant, dq_code=dq_code,
+                                           compress_statistics=compress_statistics))
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
+    def from_linear(cls, linear: nn.Linear, compute_dtype: Union[None, str, torch.dtype] = None,
+                    quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: Optional[bool] = None,
                     dq_code: Union[str, torch.Tensor] = "fp8",
-                    quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
+                    quant_storage: torch.dtype = torch.uint8, *,
+                    compress_statistics: Optional[bool] = None) -> "Linear4bit":
         """Quantize an ``nn.Linear`` (its weight dtype is kept as the state's dtype).
         ``quant_storage``: the dtype the packed bytes are stored as (see ``set_quant_storage``).
 
@@ -82,13 +91,14 @@ class Linear4bit(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, linear.weight.device)
         self.quant_storage = check_storage(quant_storage)
         w = linear.weight.detach()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=linear.bias.requires_grad)
         self._set_quantized(*quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                           double_quant=double_quant, dq_code=dq_code))
+                                           double_quant=double_quant, dq_code=dq_code,
+                                           compress_statistics=compress_statistics))
         return self
 
     def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
@@ -173,7 +183,7 @@ class Linear4bit(nn.Module):
             >>> qk.Linear4bit(64, 32).dequantize().shape
             torch.Size([32, 64])
         """
-        return dequantize_4bit(self.packed_weight, self.quant_state, out_dtype=dtype)
+        return dequantize_4bit(self.packed_weight, self.quant_state, dtype=dtype)
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
