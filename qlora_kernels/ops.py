@@ -1,11 +1,12 @@
 """The ``torch.ops.qlora_kernels`` ops: fake (meta) kernels, and fallbacks.
 
-csrc/ops.cpp declares every schema in one ``TORCH_LIBRARY`` block and the compiled
-kernels register per device. This module adds what Python owns:
+qlora_kernels/op_schemas.inc declares every schema once (csrc/ops.cpp includes it in its
+``TORCH_LIBRARY`` block); the compiled kernels register per device. This module adds what
+Python owns:
 
 * ``register_fake`` kernels, so the ops trace under ``torch.compile`` and FakeTensor;
-* when the extension is missing, the same schemas (``SCHEMAS`` below; a test checks they
-  match the C++ ones) with the PyTorch reference as their implementation;
+* when the extension is missing, the same schemas (read from op_schemas.inc, the file
+  csrc/ops.cpp includes) with the PyTorch reference as their implementation;
 * on CUDA devices without compiled CUDA kernels, the Triton kernels (or the reference).
 
 Overrides (``qk.use_backend``) are registered by qlora_kernels/backends/__init__.py.
@@ -18,64 +19,36 @@ Example:
 """
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 
 from . import _extension
 from .backends import reference
 
-# Mirrors csrc/ops.cpp (tests/test_ops.py compares them when the extension is loaded).
-SCHEMAS = {
-    "quantize_4bit": "quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)",
-    "dequantize_4bit": (
-        "dequantize_4bit(Tensor packed, Tensor absmax, Tensor code, int blocksize, int numel, "
-        "ScalarType dtype, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0) -> Tensor"
-    ),
-    "dequantize_4bit_out": (
-        "dequantize_4bit_out(Tensor packed, Tensor absmax, Tensor code, int blocksize, "
-        "Tensor? nested_absmax, Tensor? nested_code, float offset, Tensor(a!) out) -> ()"
-    ),
-    "quantize_8bit": "quantize_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
-    "dequantize_8bit": (
-        "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
-        "-> Tensor"
-    ),
-    "gemv_4bit": (
-        "gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
-        "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0, Tensor? bias=None) -> Tensor"
-    ),
-    # implemented in Python by qlora_kernels/matmul.py, whatever the build
-    "matmul_4bit": (
-        "matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
-        "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0, Tensor? bias=None) -> Tensor"
-    ),
-    "matmul_4bit_backward": (
-        "matmul_4bit_backward(Tensor grad_y, Tensor packed, Tensor absmax, Tensor code, "
-        "int blocksize, int in_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0) -> Tensor"
-    ),
-    "adamw_step_": (
-        "adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-        "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
-        "bool maximize) -> ()"
-    ),
-    "adamw_step_multi_": (
-        "adamw_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, float lr, float beta1, "
-        "float beta2, float eps, float weight_decay, bool maximize) -> ()"
-    ),
-    "adamw8bit_step_": (
-        "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) qm, Tensor(c!) absmax_m, "
-        "Tensor(d!) qv, Tensor(e!) absmax_v, Tensor code_m, Tensor code_v, float lr, "
-        "float beta1, float beta2, float eps, float weight_decay, int step, bool maximize) -> ()"
-    ),
-    "managed_supported": "managed_supported(int device) -> bool",
-    "managed_empty": "managed_empty(int[] size, ScalarType dtype, int device) -> Tensor",
-    "managed_prefetch_": "managed_prefetch_(Tensor(a!)[] tensors, int device) -> ()",
-    "is_managed": "is_managed(Tensor t) -> bool",
-}
+SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "op_schemas.inc")
+
+
+def read_schemas(path: str = SCHEMA_FILE) -> dict:
+    """op name -> schema, from the ``QK_OP("...")`` entries of op_schemas.inc (the one
+    declaration, which csrc/ops.cpp includes); adjacent string literals are joined as C++
+    joins them.
+
+    Example:
+        >>> read_schemas()["is_managed"]
+        'is_managed(Tensor t) -> bool'
+    """
+    with open(path, encoding="utf-8") as f:
+        text = "\n".join(line.split("//", 1)[0] for line in f)
+    schemas = {}
+    for entry in re.findall(r'QK_OP\(((?:\s*"[^"]*")+)\s*\)', text):
+        schema = "".join(re.findall(r'"([^"]*)"', entry))
+        schemas[schema.split("(", 1)[0]] = schema
+    return schemas
+
+
+SCHEMAS = read_schemas()
 
 _fallback_lib = None
 _managed_lib = None
