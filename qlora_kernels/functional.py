@@ -178,7 +178,11 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
         raise TypeError(f"dequantize_4bit: state must be a QuantState, got {type(state).__name__}")
     dtype = pick("dtype", dtype, "out_dtype", out_dtype, default=None, deprecated=True)
     if packed.dtype != torch.uint8:
-        packed = storage_to_packed(packed, (state.numel + 1) // 2)
+        nbytes = (state.numel + 1) // 2
+        if not 0 <= packed.numel() * packed.element_size() - nbytes < packed.element_size():
+            raise ValueError(f"packed weight: expected uint8 (or a quant_storage view of its "
+                             f"{nbytes} bytes), got {packed.numel()} {packed.dtype} values")
+        packed = storage_to_packed(packed, nbytes)
     state.validate(packed)
     if packed.device != state.absmax.device:
         raise ValueError(f"dequantize_4bit: packed is on {packed.device} but its state on "

@@ -226,8 +226,9 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         raise TypeError("prepare_model converts a model's sub-layers; wrap a single layer "
                         "with QLoRALinear(...) directly")
     names = resolve_target_modules(model, target_modules)
-    first = next(model.parameters(), None)
-    compute_dtype = resolve_compute_dtype(compute_dtype, None if first is None else first.device)
+    # the device only: holding the first parameter would keep its dense weight alive
+    device = next((p.device for p in model.parameters()), None)
+    compute_dtype = resolve_compute_dtype(compute_dtype, device)
     before = weight_bytes(model)
     # Names only: holding the modules themselves would keep every dense weight alive.
     for name in names:

@@ -15,7 +15,7 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels import distributed as qd
-from qlora_kernels.packed_storage import packed_to_storage, storage_to_packed
+from qlora_kernels.nn.linear4bit import packed_to_storage, storage_to_packed
 
 STEPS, R, ALPHA, BATCH, SEQ = 3, 8, 16, 4, 12
 
