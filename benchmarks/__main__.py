@@ -24,7 +24,7 @@ from benchmarks import (bench_dq_codes, bench_lora, bench_matmul, bench_optim,  
                         bench_quantize, bench_train_step)
 from benchmarks.plots import plot_all  # noqa: E402
 from benchmarks.timing import copy_time, device_info, median_time, optional_bitsandbytes  # noqa: E402
-from qlora_kernels.serialization import atomic_write  # noqa: E402
+from qlora_kernels.fileio import atomic_write  # noqa: E402
 
 SECTIONS = ("ceilings", "quantize", "matmul", "dq_codes", "lora", "optim", "train_step")
 

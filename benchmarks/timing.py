@@ -129,7 +129,7 @@ def write_json(path: str, obj, indent: int = 1) -> None:
         >>> write_json(p, {"ms": 1.5}); json.load(open(p))
         {'ms': 1.5}
     """
-    from qlora_kernels.serialization import atomic_write
+    from qlora_kernels.fileio import atomic_write
 
     def write(tmp):
         with open(tmp, "w") as f:

@@ -11,7 +11,8 @@ Example:
 from . import _extension
 from . import ops  # noqa: F401  (fake kernels and fallbacks)
 from . import optim
-from .backends import available_backends, resolve_backend_name
+from .backends import (available_backends, current_backend, resolve_backend_name, set_backend,
+                       use_backend)
 from .formats import dynamic_map, fp8_e4m3_map, get_4bit_code, nf4_from_normal_quantiles
 from .functional import (dequantize_4bit, dequantize_absmax, dequantize_blockwise,
                          double_quantize_absmax, quantize_4bit, quantize_blockwise)
@@ -24,6 +25,8 @@ from .lora import QLoRALinear
 from .prepare import merge_lora, prepare_model
 from .adapters import load_adapter, save_adapter
 
+backends.apply_environment()  # QLORA_KERNELS_BACKEND, once every op is registered
+
 __version__ = "0.1.0"
 EXTENSION_LOADED = _extension.EXTENSION_LOADED
 
@@ -32,6 +35,6 @@ __all__ = [
     "load_quantized", "save_quantized", "split_quantized", "dequantize_4bit", "dequantize_absmax",
     "dequantize_blockwise", "double_quantize_absmax", "dynamic_map", "fp8_e4m3_map",
     "get_4bit_code", "nf4_from_normal_quantiles", "quantize_4bit", "quantize_blockwise",
-    "resolve_backend_name",
+    "resolve_backend_name", "set_backend", "use_backend", "current_backend",
     "QLoRALinear", "prepare_model", "merge_lora", "save_adapter", "load_adapter",
 ]

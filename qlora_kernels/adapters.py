@@ -26,7 +26,7 @@ from torch import nn
 
 from .lora import QLoRALinear
 from .prepare import lora_layers, linear_names, match_module_name, prepare_model
-from .serialization import atomic_write
+from .fileio import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

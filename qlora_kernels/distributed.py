@@ -39,7 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .nn import Linear4bit
-from .nn.linear4bit import is_dtensor as _is_dtensor, storage_to_packed
+from .quant_state import STATE_TENSOR_KEYS
+from .packed_storage import is_dtensor as _is_dtensor, storage_to_packed
 
 __all__ = ["set_quant_storage", "shard_model", "full_state_dict", "save_full_state_dict",
            "save_adapter_rank0", "local_shard_bytes", "rank", "world_size"]
@@ -238,7 +239,7 @@ def local_shard_bytes(model: nn.Module) -> Dict[str, int]:
             out["packed_4bit"] += w.numel() * w.element_size()
             out["packed_4bit_total"] += m.packed_nbytes
             counted.add(id(m.weight))
-            for name in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+            for name in STATE_TENSOR_KEYS:
                 t = getattr(m, name)
                 if t is not None:
                     out["quant_state"] += t.numel() * t.element_size()

@@ -18,6 +18,8 @@ import torch
 QUANT_TYPES = ("nf4", "fp4", "int4")
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
+# dtypes the ops quantize from and dequantize to
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DQ_CODES = ("fp8", "dynamic")
 
 # bitsandbytes' NF4 values, byte for byte (shared/FORMAT.md)

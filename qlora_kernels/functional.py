@@ -14,18 +14,18 @@ from typing import Optional, Union
 import torch
 
 from . import ops  # noqa: F401  (registers fakes and fallbacks)
-from .backends import get_backend
-from .formats import (NESTED_BLOCKSIZE, check_blocksize, check_quant_type, get_4bit_code,
+from .backends import backend_for_call
+from .formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, check_quant_type, get_4bit_code,
                       get_dq_code)
+from .aliases import pick
+from .packed_storage import packed_to_storage, storage_to_packed
 from .quant_state import QuantState
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_float_input(A: torch.Tensor, what: str) -> None:
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{what}: expected a tensor, got {type(A).__name__}")
-    if A.dtype not in _FLOAT_DTYPES:
+    if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: input must be float32, float16 or bfloat16, got {A.dtype}")
 
 
@@ -54,7 +54,8 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None, blo
     code = get_dq_code("dynamic" if code is None else code).to(A.device)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
-    q, absmax = get_backend(A.device, backend).quantize_8bit(A.reshape(-1), code, int(blocksize))
+    with backend_for_call(A.device, backend):
+        q, absmax = torch.ops.qlora_kernels.quantize_8bit(A.reshape(-1), code, int(blocksize))
     _raise_if_not_finite(absmax, blocksize, "quantize_blockwise")
     return q, absmax
 
@@ -71,8 +72,9 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: Optional[t
         tensor(True)
     """
     code = get_dq_code("dynamic" if code is None else code).to(q.device)
-    return get_backend(q.device, backend).dequantize_8bit(q.reshape(-1), absmax, code,
-                                                          int(blocksize), dtype)
+    with backend_for_call(q.device, backend):
+        return torch.ops.qlora_kernels.dequantize_8bit(q.reshape(-1), absmax, code,
+                                                       int(blocksize), dtype)
 
 
 def double_quantize_absmax(absmax: torch.Tensor, dq_code: Union[str, torch.Tensor] = "fp8",
@@ -96,14 +98,17 @@ def double_quantize_absmax(absmax: torch.Tensor, dq_code: Union[str, torch.Tenso
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
-                  double_quant: bool = True, dq_code: Union[str, torch.Tensor] = "fp8",
-                  backend: Optional[str] = None):
+                  double_quant: Optional[bool] = None, dq_code: Union[str, torch.Tensor] = "fp8",
+                  backend: Optional[str] = None, *, compress_statistics: Optional[bool] = None,
+                  quant_storage: torch.dtype = torch.uint8):
     """Blockwise 4-bit quantization in the bitsandbytes layout.
 
     ``A`` is float32/float16/bfloat16 of any shape (read as flat, non-contiguous is fine).
     Returns ``(packed, state)``: packed uint8 of shape ``((numel + 1) // 2, 1)`` and a
     ``QuantState``. With ``double_quant`` the absmax is stored as 8 bits
     (``dq_code``: "fp8" E4M3 by default, or "dynamic", or a 256-entry table).
+    bitsandbytes' names work too: ``compress_statistics`` for ``double_quant`` (default
+    True), and ``quant_storage`` returns the packed bytes viewed as that dtype.
 
     Raises TypeError for non-float input, ValueError for an unsupported blocksize or
     quant_type, and ValueError naming the first block holding NaN or Inf.
@@ -114,11 +119,14 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         >>> packed.shape, state.shape
         (torch.Size([12821, 1]), torch.Size([333, 77]))
     """
+    double_quant = pick("double_quant", double_quant, "compress_statistics", compress_statistics,
+                        default=True)
     _check_float_input(A, "quantize_4bit")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    be = get_backend(A.device, backend)
-    packed, absmax = be.quantize_4bit(A.reshape(-1), int(blocksize), quant_type)
+    with backend_for_call(A.device, backend):
+        packed, absmax = torch.ops.qlora_kernels.quantize_4bit(A.reshape(-1), int(blocksize),
+                                                               quant_type)
     _raise_if_not_finite(absmax, blocksize, "quantize_4bit")
     code = get_4bit_code(quant_type, A.device)
     state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=int(blocksize),
@@ -126,6 +134,8 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     if double_quant:
         qabsmax, offset, state2 = double_quantize_absmax(absmax, dq_code, backend)
         state.absmax, state.offset, state.state2 = qabsmax, offset, state2
+    if quant_storage != torch.uint8:
+        packed = packed_to_storage(packed, quant_storage)
     return packed, state
 
 
@@ -146,9 +156,12 @@ def dequantize_absmax(state: QuantState, backend: Optional[str] = None) -> torch
     return scale + state.offset
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional[torch.dtype] = None,
-                    backend: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Dequantize ``packed`` to ``state.shape`` and ``state.dtype`` (or ``out_dtype``).
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None,
+                    backend: Optional[str] = None, out: Optional[torch.Tensor] = None, *,
+                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dequantize ``packed`` to ``state.shape`` and ``state.dtype`` (or ``dtype``;
+    ``out_dtype`` is its deprecated former name). ``packed`` may be stored as another dtype
+    (``quantize_4bit(..., quant_storage=...)``).
 
     With a double-quantized state the 8-bit absmax is decoded inside the same kernel pass.
     ``out``: an optional preallocated contiguous tensor of ``state.numel`` elements (its
@@ -163,24 +176,30 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"dequantize_4bit: state must be a QuantState, got {type(state).__name__}")
+    dtype = pick("dtype", dtype, "out_dtype", out_dtype, default=None, deprecated=True)
+    if packed.dtype != torch.uint8:
+        nbytes = (state.numel + 1) // 2
+        if not 0 <= packed.numel() * packed.element_size() - nbytes < packed.element_size():
+            raise ValueError(f"packed weight: expected uint8 (or a quant_storage view of its "
+                             f"{nbytes} bytes), got {packed.numel()} {packed.dtype} values")
+        packed = storage_to_packed(packed, nbytes)
     state.validate(packed)
     if packed.device != state.absmax.device:
         raise ValueError(f"dequantize_4bit: packed is on {packed.device} but its state on "
                          f"{state.absmax.device}; move both with .to(device)")
-    dtype = out_dtype or state.dtype
-    be = get_backend(packed.device, backend)
-    nested = state.state2
+    dtype = dtype or state.dtype
+    absmax, code, blocksize, nested_absmax, nested_code, offset = state.op_args()
     if out is not None:
         if out.numel() != state.numel or not out.is_contiguous() or out.device != packed.device:
             raise ValueError(f"dequantize_4bit: out must be a contiguous tensor of {state.numel} "
                              f"elements on {packed.device}, got {tuple(out.shape)} on {out.device}")
-        be.dequantize_4bit_out(packed, state.absmax, state.code, state.blocksize,
-                               nested.absmax if nested is not None else None,
-                               nested.code if nested is not None else None,
-                               float(state.offset or 0.0), out.view(-1))
+        with backend_for_call(packed.device, backend):
+            torch.ops.qlora_kernels.dequantize_4bit_out(packed, absmax, code, blocksize,
+                                                        nested_absmax, nested_code, offset,
+                                                        out.view(-1))
         return out.view(state.shape)
-    out = be.dequantize_4bit(packed, state.absmax, state.code, state.blocksize, state.numel, dtype,
-                             nested.absmax if nested is not None else None,
-                             nested.code if nested is not None else None,
-                             float(state.offset or 0.0))
+    with backend_for_call(packed.device, backend):
+        out = torch.ops.qlora_kernels.dequantize_4bit(packed, absmax, code, blocksize,
+                                                      state.numel, dtype, nested_absmax,
+                                                      nested_code, offset)
     return out.view(state.shape)

@@ -119,14 +119,15 @@ def _dequantize_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nest
         yield r0, r1, w.view(r1 - r0, k)
 
 
-def _triton_backend(device: torch.device):
+def _triton_gemm(device: torch.device):
+    """The Triton GEMM for CUDA tensors (the CUDA build has no GEMM kernel of its own)."""
     if device.type != "cuda":
         return None
     try:
-        from .backends import triton as tb
+        from .triton import matmul_4bit_triton
     except Exception:
         return None
-    return tb if hasattr(tb, "matmul_4bit") else None
+    return matmul_4bit_triton
 
 
 def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
@@ -143,11 +144,11 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
                                               nested_absmax, nested_code, offset, bias)
         return y.view(*x.shape[:-1], out_features)
     else:
-        tb = _triton_backend(x.device)
-        if tb is not None:
+        gemm = _triton_gemm(x.device)
+        if gemm is not None:
             # bias added in the kernel's float32 sum: rounded once to x.dtype
-            y = tb.matmul_4bit(x2, packed, absmax, code, blocksize, out_features, k,
-                               nested_absmax, nested_code, offset, bias=bias)
+            y = gemm(x2, packed, absmax, code, blocksize, out_features, k,
+                     nested_absmax, nested_code, offset, bias=bias)
         else:
             xf = x2.float()
             y = torch.empty(m, out_features, dtype=torch.float32, device=x.device)
@@ -163,9 +164,9 @@ def _matmul_4bit_backward_impl(grad_y, packed, absmax, code, blocksize, in_featu
                                nested_absmax=None, nested_code=None, offset=0.0):
     n = grad_y.shape[-1]
     g2 = grad_y.reshape(-1, n)
-    tb = _triton_backend(grad_y.device)
-    if tb is not None:
-        gx = tb.matmul_4bit(g2, packed, absmax, code, blocksize, n, in_features, nested_absmax,
+    gemm = _triton_gemm(grad_y.device)
+    if gemm is not None:
+        gx = gemm(g2, packed, absmax, code, blocksize, n, in_features, nested_absmax,
                             nested_code, offset, transpose_w=True)
     else:
         gf = g2.float()
@@ -245,14 +246,29 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     state.validate(packed)
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"matmul_4bit: bias must have shape ({n},), got {tuple(bias.shape)}")
-    s2 = state.state2
-    args = (x, packed, state.absmax, state.code, state.blocksize, n,
-            None if s2 is None else s2.absmax, None if s2 is None else s2.code,
-            float(state.offset or 0.0), bias)
+    return matmul_4bit_call(x, packed, n, state.op_args(), bias)
+
+
+def matmul_4bit_call(x: torch.Tensor, packed: torch.Tensor, out_features: int, op_args: tuple,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The one way into the ``matmul_4bit`` op, for ``matmul_4bit`` and ``Linear4bit``:
+    arguments already checked, ``op_args`` from ``QuantState.op_args()``.
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> packed, state = qk.quantize_4bit(torch.randn(8, 16))
+        >>> matmul_4bit_call(torch.randn(2, 16), packed, 8, state.op_args()).shape
+        torch.Size([2, 8])
+    """
+    absmax, code, blocksize, nested_absmax, nested_code, offset = op_args
+    args = (x, packed, absmax, code, blocksize, out_features,
+            nested_absmax, nested_code, offset, bias)
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (
             x.requires_grad or (bias is not None and bias.requires_grad))):
-        # Nothing to differentiate: call the implementation directly. Going through the
-        # custom op's Python autograd and dispatch layers costs ~50 us per call, 10% of a
-        # 4096x4096 GEMV on the CPU (token-by-token generation).
-        return _matmul_4bit_impl(*args)
-    return torch.ops.qlora_kernels.matmul_4bit(*args)
+        # Nothing to differentiate: enter the dispatcher below the autograd key. The custom
+        # op's Python autograd layer costs ~50 us per call, 10% of a 4096x4096 GEMV on the
+        # CPU (token-by-token generation); the device kernels are still chosen by the
+        # dispatcher, so a backend override applies here too.
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.qlora_kernels.matmul_4bit.default(*args)
+    return torch.ops.qlora_kernels.matmul_4bit.default(*args)

@@ -9,10 +9,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Dict, Iterable
 
 import torch
+from torch import nn
 
 from .formats import NESTED_BLOCKSIZE
+from .nn import Linear4bit
 from .quant_state import QuantState
 
 
@@ -182,3 +185,46 @@ def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_byte
                           lora_grads_gb=lora_g, optimizer_gb=opt, activations_gb=act,
                           total_gb=total, world_size=ws, weights_sharded_gb=sharded,
                           quant_state_gb=qstate, unsharded_layers_gb=unsharded)
+
+
+# ---------------------------------------------------------------------------- a model's memory
+def _unique_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            yield t
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers (tied tensors counted once).
+
+    Example:
+        >>> import torch
+        >>> weight_bytes(torch.nn.Linear(4, 4))
+        80
+    """
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
+
+
+def parameter_counts(model: nn.Module) -> Dict[str, int]:
+    """``{"trainable": n, "total": n}`` counting a 4-bit weight as its logical out x in
+    parameters (not its packed bytes).
+
+    Example:
+        >>> import torch
+        >>> parameter_counts(torch.nn.Linear(4, 4))
+        {'trainable': 20, 'total': 20}
+    """
+    packed = {id(m.weight): m.in_features * m.out_features
+              for m in model.modules() if isinstance(m, Linear4bit)}
+    trainable = total = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = packed.get(id(p), p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"trainable": trainable, "total": total}

@@ -1,14 +1,17 @@
 """The ``torch.ops.qlora_kernels`` ops: fake (meta) kernels, and fallbacks.
 
-csrc/ops.cpp declares every schema in one ``TORCH_LIBRARY`` block and the compiled
-kernels register per device. This module adds what Python owns:
+qlora_kernels/op_schemas.inc declares every schema once (csrc/ops.cpp includes it in its
+``TORCH_LIBRARY`` block); the compiled kernels register per device. This module adds what
+Python owns:
 
 * ``register_fake`` kernels, so the ops trace under ``torch.compile`` and FakeTensor;
-* when the extension is missing, the same schemas (``SCHEMAS`` below; a test checks they
-  match the C++ ones) with the PyTorch reference as their implementation;
+* when the extension is missing, the same schemas (read from op_schemas.inc, the file
+  csrc/ops.cpp includes) with the PyTorch reference as their implementation;
 * on CUDA devices without compiled CUDA kernels, the Triton kernels (or the reference);
   also in place of the compiled ones when they have no image for the GPU
   (``replace_cuda_kernels``, called by the probe in ``_extension.cuda_kernels_runnable``).
+
+Overrides (``qk.use_backend``) are registered by qlora_kernels/backends/__init__.py.
 
 Example:
     >>> import torch, qlora_kernels
@@ -18,122 +21,77 @@ Example:
 """
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 
 from . import _extension
-from .backends import torch as reference  # the submodule, not the torch package
-from .optim import reference as optim_reference
+from .backends import reference
 
-# Mirrors csrc/ops.cpp (tests/test_ops.py compares them when the extension is loaded).
-SCHEMAS = {
-    "quantize_4bit": "quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)",
-    "dequantize_4bit": (
-        "dequantize_4bit(Tensor packed, Tensor absmax, Tensor code, int blocksize, int numel, "
-        "ScalarType dtype, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0) -> Tensor"
-    ),
-    "dequantize_4bit_out": (
-        "dequantize_4bit_out(Tensor packed, Tensor absmax, Tensor code, int blocksize, "
-        "Tensor? nested_absmax, Tensor? nested_code, float offset, Tensor(a!) out) -> ()"
-    ),
-    "quantize_8bit": "quantize_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
-    "dequantize_8bit": (
-        "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
-        "-> Tensor"
-    ),
-    "gemv_4bit": (
-        "gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
-        "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0, Tensor? bias=None) -> Tensor"
-    ),
-    # implemented in Python by qlora_kernels/matmul.py, whatever the build
-    "matmul_4bit": (
-        "matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
-        "int out_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0, Tensor? bias=None) -> Tensor"
-    ),
-    "matmul_4bit_backward": (
-        "matmul_4bit_backward(Tensor grad_y, Tensor packed, Tensor absmax, Tensor code, "
-        "int blocksize, int in_features, Tensor? nested_absmax=None, Tensor? nested_code=None, "
-        "float offset=0.0) -> Tensor"
-    ),
-    "adamw_step_": (
-        "adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-        "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
-        "bool maximize) -> ()"
-    ),
-    "adamw_step_multi_": (
-        "adamw_step_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, float lr, float beta1, "
-        "float beta2, float eps, float weight_decay, bool maximize) -> ()"
-    ),
-    "adamw8bit_step_": (
-        "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) qm, Tensor(c!) absmax_m, "
-        "Tensor(d!) qv, Tensor(e!) absmax_v, Tensor code_m, Tensor code_v, float lr, "
-        "float beta1, float beta2, float eps, float weight_decay, int step, bool maximize) -> ()"
-    ),
-    "managed_supported": "managed_supported(int device) -> bool",
-    "managed_empty": "managed_empty(int[] size, ScalarType dtype, int device) -> Tensor",
-    "managed_prefetch_": "managed_prefetch_(Tensor(a!)[] tensors, int device) -> ()",
-    "is_managed": "is_managed(Tensor t) -> bool",
-}
+SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "op_schemas.inc")
 
-# Ops with a reference implementation that can stand in for a missing kernel.
-_REFERENCE_IMPLS = {
-    "quantize_4bit": reference.quantize_4bit,
-    "dequantize_4bit": reference.dequantize_4bit,
-    "dequantize_4bit_out": reference.dequantize_4bit_out,
-    "quantize_8bit": reference.quantize_8bit,
-    "dequantize_8bit": reference.dequantize_8bit,
-    "gemv_4bit": reference.gemv_4bit,
-    "adamw_step_": optim_reference.adamw_step_,
-    "adamw_step_multi_": optim_reference.adamw_step_multi_,
-    "adamw8bit_step_": optim_reference.adamw8bit_step_,
-    "managed_supported": optim_reference.managed_supported,
-    "managed_empty": optim_reference.managed_empty,
-    "managed_prefetch_": optim_reference.managed_prefetch_,
-    "is_managed": optim_reference.is_managed,
-}
-# Ops whose compiled kernels exist only in CUDA builds (csrc/cuda/managed_memory.cpp, which
-# registers them for every device); a CPU-only build gets the reference "nothing is managed".
-_MANAGED_OPS = ("managed_supported", "managed_empty", "managed_prefetch_", "is_managed")
+
+def read_schemas(path: str = SCHEMA_FILE) -> dict:
+    """op name -> schema, from the ``QK_OP("...")`` entries of op_schemas.inc (the one
+    declaration, which csrc/ops.cpp includes); adjacent string literals are joined as C++
+    joins them.
+
+    Example:
+        >>> read_schemas()["is_managed"]
+        'is_managed(Tensor t) -> bool'
+    """
+    with open(path, encoding="utf-8") as f:
+        text = "\n".join(line.split("//", 1)[0] for line in f)
+    schemas = {}
+    for entry in re.findall(r'QK_OP\(((?:\s*"[^"]*")+)\s*\)', text):
+        schema = "".join(re.findall(r'"([^"]*)"', entry))
+        schemas[schema.split("(", 1)[0]] = schema
+    return schemas
+
+
+SCHEMAS = read_schemas()
 
 _fallback_lib = None
 _managed_lib = None
 
 
 def _register_fallbacks() -> None:
-    global _fallback_lib
+    """The default registrations Python owns (backends/__init__.py explains the routing)."""
+    global _fallback_lib, _managed_lib
+    reference_impls = reference.fallback_impls()
     if not _extension.EXTENSION_LOADED:
         _fallback_lib = torch.library.Library("qlora_kernels", "DEF")
         for name, schema in SCHEMAS.items():
             _fallback_lib.define(schema)
-            if name in _REFERENCE_IMPLS:
-                _fallback_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
+            if name in reference_impls:
+                _fallback_lib.impl(name, reference_impls[name], "CompositeExplicitAutograd")
         return
+    # The managed-memory kernels exist only in CUDA builds (csrc/cuda/managed_memory.cpp
+    # registers them for every device); a CPU-only build gets the reference "nothing is managed".
     if not _extension.has_kernel("managed_supported", "CompositeExplicitAutograd"):
-        global _managed_lib
         _managed_lib = torch.library.Library("qlora_kernels", "IMPL")
-        for name in _MANAGED_OPS:
-            _managed_lib.impl(name, _REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
+        for name in reference.MANAGED_OPS:
+            _managed_lib.impl(name, reference_impls[name], "CompositeExplicitAutograd")
     # Extension loaded: CUDA tensors still need a kernel when it was built without CUDA.
     if torch.version.cuda is None:
         return
-    _fallback_lib = _cuda_stand_ins([name for name in _REFERENCE_IMPLS
-                                     if name not in _MANAGED_OPS
+    _fallback_lib = _cuda_stand_ins([name for name in reference_impls
+                                     if name not in reference.MANAGED_OPS
                                      and not _extension.has_kernel(name, "CUDA")])
 
 
 def _cuda_stand_ins(names) -> torch.library.Library:
     """Registers the Triton kernel, else the reference, as the CUDA kernel of each op."""
-    lib = torch.library.Library("qlora_kernels", "IMPL")
+    reference_impls = reference.fallback_impls()
     try:
         from .backends import triton as triton_backend
+        stand_ins = triton_backend.stand_in_impls()
     except Exception:  # triton missing or broken: the reference keeps CUDA tensors working
-        triton_backend = None
+        stand_ins = {}
+    lib = torch.library.Library("qlora_kernels", "IMPL")
     for name in names:
-        fn = getattr(triton_backend, name, None) if triton_backend is not None else None
-        lib.impl(name, fn or _REFERENCE_IMPLS[name], "CUDA")
+        lib.impl(name, stand_ins.get(name, reference_impls[name]), "CUDA")
     return lib
 
 
@@ -151,7 +109,8 @@ def replace_cuda_kernels() -> None:
     """
     global _replaced_lib
     if _replaced_lib is None:
-        _replaced_lib = _cuda_stand_ins([n for n in _REFERENCE_IMPLS if n not in _MANAGED_OPS])
+        _replaced_lib = _cuda_stand_ins([n for n in reference.fallback_impls()
+                                         if n not in reference.MANAGED_OPS])
 
 
 _register_fallbacks()

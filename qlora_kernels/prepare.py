@@ -28,7 +28,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .compute_dtype import resolve_compute_dtype
 from .lora import QLoRALinear
+from .memory import parameter_counts, weight_bytes
 from .nn import Linear4bit
 
 _HEAD_NAMES = ("lm_head", "embed_out")
@@ -134,49 +136,6 @@ def resolve_target_modules(model: nn.Module, target_modules: Union[str, Sequence
     return chosen
 
 
-# ---------------------------------------------------------------------------- accounting
-def _unique_tensors(model: nn.Module) -> Iterable[torch.Tensor]:
-    seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t is not None and id(t) not in seen:
-            seen.add(id(t))
-            yield t
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by a model's parameters and buffers (tied tensors counted once).
-
-    Example:
-        >>> import torch
-        >>> weight_bytes(torch.nn.Linear(4, 4))
-        80
-    """
-    return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
-
-
-def parameter_counts(model: nn.Module) -> Dict[str, int]:
-    """``{"trainable": n, "total": n}`` counting a 4-bit weight as its logical out x in
-    parameters (not its packed bytes).
-
-    Example:
-        >>> import torch
-        >>> parameter_counts(torch.nn.Linear(4, 4))
-        {'trainable': 20, 'total': 20}
-    """
-    packed = {id(m.weight): m.in_features * m.out_features
-              for m in model.modules() if isinstance(m, Linear4bit)}
-    trainable = total = 0
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = packed.get(id(p), p.numel())
-        total += n
-        trainable += n if p.requires_grad else 0
-    return {"trainable": trainable, "total": total}
-
-
 def _summary_line(counts: Dict[str, int], before: int, after: int) -> str:
     pct = 100.0 * counts["trainable"] / max(counts["total"], 1)
     return (f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
@@ -185,7 +144,14 @@ def _summary_line(counts: Dict[str, int], before: int, after: int) -> str:
 
 
 # ---------------------------------------------------------------------------- conversion
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the sub-module called ``name`` (dotted path) by ``module``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2)); set_module(m, "0", torch.nn.Identity()); m[0]
+        Identity()
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -226,11 +192,12 @@ def enable_input_require_grads(model: nn.Module) -> bool:
 def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = "all-linear",
                   r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                   use_rslora: bool = False, init: str = "kaiming", quantize: bool = True,
-                  quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                  compute_dtype: Optional[torch.dtype] = torch.bfloat16,
+                  compute_dtype: Union[None, str, torch.dtype] = "auto",
+                  quant_type: str = "nf4", blocksize: int = 64, double_quant: Optional[bool] = None,
                   dq_code: Union[str, torch.Tensor] = "fp8",
                   adapter_dtype: Optional[torch.dtype] = None, verbose: bool = True,
-                  quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+                  quant_storage: torch.dtype = torch.uint8, *,
+                  compress_statistics: Optional[bool] = None) -> nn.Module:
     """Convert ``model`` in place for QLoRA training and return it.
 
     Each targeted ``nn.Linear`` becomes ``QLoRALinear(Linear4bit.from_linear(...))`` (with
@@ -241,7 +208,10 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     embeddings (when the model has ``get_input_embeddings``) get a hook making their output
     require grad, for gradient checkpointing. Prints one summary line unless
     ``verbose=False``. ``quant_storage`` (uint8, or bf16/fp16/fp32 views of the same
-    bytes) is the packed weights' dtype, for FSDP (see docs/fsdp.md).
+    bytes) is the packed weights' dtype, for FSDP (see docs/fsdp.md). ``compute_dtype``
+    defaults to ``"auto"`` (``qlora_kernels.compute_dtype.resolve_compute_dtype``: bf16 on
+    GPUs and on CPUs with native bf16, else float32); ``compress_statistics`` is
+    bitsandbytes' name for ``double_quant``.
 
     Raises ValueError (listing available names) when ``target_modules`` matches nothing.
 
@@ -256,6 +226,9 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         raise TypeError("prepare_model converts a model's sub-layers; wrap a single layer "
                         "with QLoRALinear(...) directly")
     names = resolve_target_modules(model, target_modules)
+    # the device only: holding the first parameter would keep its dense weight alive
+    device = next((p.device for p in model.parameters()), None)
+    compute_dtype = resolve_compute_dtype(compute_dtype, device)
     before = weight_bytes(model)
     # Names only: holding the modules themselves would keep every dense weight alive.
     for name in names:
@@ -263,13 +236,14 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         if quantize and isinstance(layer, nn.Linear):
             base = Linear4bit.from_linear(layer, quant_type=quant_type, blocksize=blocksize,
                                           double_quant=double_quant, compute_dtype=compute_dtype,
-                                          dq_code=dq_code, quant_storage=quant_storage)
+                                          dq_code=dq_code, quant_storage=quant_storage,
+                                          compress_statistics=compress_statistics)
         else:
             base = layer
         wrapped = QLoRALinear(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               use_rslora=use_rslora, init=init,
                               adapter_dtype=adapter_dtype or (compute_dtype if quantize else None))
-        _set_module(model, name, wrapped)
+        set_module(model, name, wrapped)
         del layer, base, wrapped
     _freeze_all_but_lora(model)
     enable_input_require_grads(model)
@@ -321,6 +295,6 @@ def merge_lora(model: nn.Module, requantize: bool = False,
         raise ValueError(f"merge_lora: {type(model).__name__} has no QLoRALinear layer to merge")
     for name in names:
         merged = model.get_submodule(name).merge(requantize=requantize, dtype=dtype)
-        _set_module(model, name, merged)
+        set_module(model, name, merged)
         del merged
     return model

@@ -20,8 +20,9 @@ import torch
 from .formats import NESTED_BLOCKSIZE, QUANT_TYPES
 
 _PACKED_KEY = "quant_state.bitsandbytes__"
-_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_VALID_KEYS = set(_TENSOR_KEYS) | {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
+# The tensors of a state, named as bitsandbytes names them (Linear4bit's buffers too).
+STATE_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_VALID_KEYS = set(STATE_TENSOR_KEYS) | {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
                                    "nested_dtype", "nested_offset"}
 
 
@@ -88,6 +89,23 @@ class QuantState:
             absmax=self.absmax.to(device), shape=self.shape, dtype=self.dtype,
             blocksize=self.blocksize, quant_type=self.quant_type, code=self.code.to(device),
             offset=self.offset, state2=None if self.state2 is None else self.state2.to(device))
+
+    def op_args(self) -> tuple:
+        """``(absmax, code, blocksize, nested_absmax, nested_code, offset)``: the state as the
+        arguments of the ``qlora_kernels`` 4-bit ops. Without double quantization the nested
+        tables are None and the offset 0.0 (the ops' float argument); in the state itself
+        "no offset" is ``offset=None``.
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> _, s = qk.quantize_4bit(torch.randn(64), double_quant=False)
+            >>> s.op_args()[2:]
+            (64, None, None, 0.0)
+        """
+        s2 = self.state2
+        if s2 is None:
+            return self.absmax, self.code, self.blocksize, None, None, 0.0
+        return self.absmax, self.code, self.blocksize, s2.absmax, s2.code, float(self.offset)
 
     @property
     def device(self) -> torch.device:

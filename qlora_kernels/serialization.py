@@ -16,16 +16,15 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, Tuple, Union
 
 import torch
 from torch import nn
 
-from .quant_state import QuantState, unpack_tensor_to_dict
+from .fileio import atomic_write
+from .quant_state import STATE_TENSOR_KEYS, QuantState, unpack_tensor_to_dict
 
 _QS_MARK = ".quant_state.bitsandbytes__"
-_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
 def flatten_quantized(named: Dict[str, object]) -> Dict[str, torch.Tensor]:
@@ -97,7 +96,7 @@ def split_quantized(state_dict: Dict[str, torch.Tensor], device="cpu"
         used.update(parts)
         used.add(name)
     rest = {k: v for k, v in state_dict.items() if k not in used}
-    orphans = [k for k in rest if k.rsplit(".", 1)[-1] in _STATE_SUFFIXES]
+    orphans = [k for k in rest if k.rsplit(".", 1)[-1] in STATE_TENSOR_KEYS]
     if orphans:
         raise ValueError(f"{orphans[0]!r} has no quant_state entry beside it "
                          "(a truncated or mixed checkpoint?)")
@@ -111,33 +110,6 @@ def _check_dtypes(name: str, state: QuantState, meta: dict) -> None:
         raise ValueError(f"{name}.nested_absmax: expected float32, got {state.state2.absmax.dtype}")
     if list(meta.get("shape", [])) != list(state.shape):
         raise ValueError(f"{name}: JSON shape {meta.get('shape')} does not match {list(state.shape)}")
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``:
-    an interrupted write never leaves a half-written file, and the old file stays intact
-    until the new one is complete. The file gets the usual permissions (0666 less umask).
-
-    Example:
-        >>> import os, tempfile
-        >>> p = os.path.join(tempfile.mkdtemp(), "x.txt")
-        >>> atomic_write(p, lambda tmp: open(tmp, "w").write("hi")); open(p).read()
-        'hi'
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_quantized(module_or_state_dict: Union[nn.Module, Dict[str, object]], path: str) -> None:

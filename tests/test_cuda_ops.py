@@ -14,7 +14,7 @@ import torch
 
 import qlora_kernels  # noqa: F401  (registers the ops)
 from qlora_kernels import _extension
-from qlora_kernels.backends import torch as ref
+from qlora_kernels.backends import reference as ref
 from qlora_kernels.formats import dynamic_map, fp8_e4m3_map, get_4bit_code
 
 pytestmark = [pytest.mark.gpu,

@@ -44,7 +44,7 @@ def test_thresholds_bracket_the_format_midpoints():
 def test_encode_is_nearest_with_ties_low(qt):
     # values at, just above and just below every midpoint, plus random ones; the nearest
     # value in float64 with ties to the lower index (argmin returns the first minimum)
-    from qlora_kernels.backends import torch as ref
+    from qlora_kernels.backends import reference as ref
     code = qk.get_4bit_code(qt).double()
     s = ((code[:-1] + code[1:]) / 2).float()
     s = torch.cat([s, torch.nextafter(s, s + 1), torch.nextafter(s, s - 1),
@@ -99,3 +99,24 @@ def test_bad_dq_code_rejected():
         formats.get_dq_code(torch.rand(256) + torch.arange(256).flip(0))
     with pytest.raises(ValueError, match="dq_code"):
         formats.get_dq_code("fp16")
+
+
+def test_dynamic_map_pinned_values():
+    """Values worked out by hand from bitsandbytes' create_dynamic_map definition (7
+    exponent bits: decade i = 0..6 holds the midpoints of linspace(0.1, 1, 2^i + 1) (signed)
+    or linspace(0.1, 1, 2^(i+1) + 1) (unsigned), scaled by 10^(i-6); then 0 and 1.0; sorted),
+    so they hold without bitsandbytes installed."""
+    signed = qk.dynamic_map(signed=True)
+    assert signed.dtype == torch.float32 and signed.shape == (256,)
+    pins = {0: -0.99296875, 1: -0.97890625, 126: -5.5e-7, 127: 0.0, 128: 5.5e-7,
+            129: 3.25e-6, 130: 7.75e-6, 253: 0.97890625, 254: 0.99296875, 255: 1.0}
+    for i, v in pins.items():
+        assert signed[i].item() == pytest.approx(v, rel=1e-6, abs=0.0), i
+    # decade sizes 1, 2, 4, ..., 64 on each side: 10^-1 <= v < 1 holds 64 positive values
+    assert int(((signed >= 0.1) & (signed < 1.0)).sum()) == 64
+    unsigned = qk.dynamic_map(signed=False)
+    pins = {0: 0.0, 1: 3.25e-7, 2: 7.75e-7, 254: 0.996484375, 255: 1.0}
+    for i, v in pins.items():
+        assert unsigned[i].item() == pytest.approx(v, rel=1e-6, abs=0.0), i
+    assert int(((unsigned >= 0.1) & (unsigned < 1.0)).sum()) == 128
+    assert bool((signed[1:] >= signed[:-1]).all()) and bool((unsigned[1:] > unsigned[:-1]).all())

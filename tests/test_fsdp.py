@@ -23,8 +23,10 @@ STEPS, R, ALPHA, BATCH, SEQ = 3, 8, 16, 4, 12
 # ---------------------------------------------------------------- model shared by all ranks
 def _tiny_llama():
     """A 2-layer LlamaForCausalLM whose linear layers have odd byte counts (uneven shards,
-    partial blocks): hidden 42 (3 heads of 14, 1 KV head), intermediate 75."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    partial blocks): hidden 42 (3 heads of 14, 1 KV head), intermediate 75. Skips the
+    calling test when transformers (an optional extra) is not installed."""
+    transformers = pytest.importorskip("transformers")
+    LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=96, hidden_size=42, intermediate_size=75, num_hidden_layers=2,
                       num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import qlora_kernels as qk
 from qlora_kernels import matmul as mm
-from qlora_kernels.backends import torch as ref
+from qlora_kernels.backends import reference as ref
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -16,7 +16,7 @@ def _weight(n, k, rng, double_quant=True, dtype=torch.float32):
 
 
 def _reference(x, packed, state, bias=None):
-    w = qk.dequantize_4bit(packed, state, out_dtype=torch.float32)
+    w = qk.dequantize_4bit(packed, state, dtype=torch.float32)
     return F.linear(x.float(), w, None if bias is None else bias.float())
 
 
@@ -73,7 +73,7 @@ def test_gemv_kernel_matches_reference_op(rng):
 def test_gradients_match_reference(path, dtype, rng):
     n, k = 77, 333
     packed, state = _weight(n, k, rng)
-    w = qk.dequantize_4bit(packed, state, out_dtype=torch.float32)
+    w = qk.dequantize_4bit(packed, state, dtype=torch.float32)
     b = torch.randn(n, generator=rng).to(dtype).requires_grad_()
     x = torch.randn(2, 7, k, generator=rng).to(dtype).requires_grad_()
     y = qk.matmul_4bit(x, packed, state, b)
@@ -177,7 +177,7 @@ def test_cpu_gemm_tiles_cover_every_row(shape, double_quant, rng, monkeypatch):
     _close(y, _reference(x, packed, state), torch.float32)
     g = torch.randn(5, n, generator=rng)
     y.backward(g)
-    w = qk.dequantize_4bit(packed, state, out_dtype=torch.float32)
+    w = qk.dequantize_4bit(packed, state, dtype=torch.float32)
     _close(x.grad, g @ w, torch.float32)
 
 

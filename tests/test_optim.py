@@ -9,7 +9,7 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels import _extension, ops
 from qlora_kernels.optim import paged as paged_mod
-from qlora_kernels.optim import reference
+from qlora_kernels.backends.reference import adamw as reference
 
 HAS_CUDA = torch.cuda.is_available()
 CPU_BACKENDS = ["torch", "triton"] + (["cpu"] if _extension.EXTENSION_LOADED else [])

@@ -4,12 +4,12 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels.backends import available_backends
-from qlora_kernels.backends import torch as ref
+from qlora_kernels.backends import reference as ref
 
 from conftest import DTYPES, ODD_SIZES
 
 # backends under test on CPU tensors (triton: through the interpreter, in test_triton.py)
-NATIVE = [b for b in available_backends("cpu") if b not in ("torch", "triton")]
+NATIVE = [b for b in available_backends("cpu") if b not in ("reference", "triton")]
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -25,15 +25,16 @@ def _rand(n, dtype, rng, scale=3.0):
 def test_backend_matches_reference(backend, qt, blocksize, dtype, rng):
     for n in ODD_SIZES + (blocksize * 3 + 2,):
         x = _rand(n, dtype, rng)
-        p, a = qk.backends.get_backend(x.device, backend).quantize_4bit(x, blocksize, qt)
+        with qk.use_backend(backend):
+            p, a = torch.ops.qlora_kernels.quantize_4bit(x, blocksize, qt)
         p_ref, a_ref = ref.quantize_4bit(x, blocksize, qt)
         assert p.shape == ((n + 1) // 2, 1) and p.dtype == torch.uint8
         assert torch.equal(p, p_ref), f"packed differs (n={n})"
         assert torch.equal(a, a_ref)
         code = qk.get_4bit_code(qt)
         for out_dtype in DTYPES:
-            got = qk.backends.get_backend(x.device, backend).dequantize_4bit(
-                p, a, code, blocksize, n, out_dtype)
+            with qk.use_backend(backend):
+                got = torch.ops.qlora_kernels.dequantize_4bit(p, a, code, blocksize, n, out_dtype)
             want = ref.dequantize_4bit(p, a, code, blocksize, n, out_dtype)
             assert got.dtype == out_dtype and torch.equal(got, want), f"dequant differs (n={n})"
 
@@ -90,7 +91,7 @@ def test_round_trip_is_a_fixed_point(qt, dtype, rng):
     x = _rand(333 * 77, dtype, rng)
     p, s = qk.quantize_4bit(x, quant_type=qt, double_quant=False)
     # the dequantized tensor, in float32, quantizes back to the same bytes
-    y = qk.dequantize_4bit(p, s, out_dtype=torch.float32)
+    y = qk.dequantize_4bit(p, s, dtype=torch.float32)
     p2, s2 = qk.quantize_4bit(y, quant_type=qt, double_quant=False)
     assert torch.equal(s.absmax, s2.absmax)
     if qt != "fp4":

@@ -1,4 +1,4 @@
-"""Triton backend against the PyTorch reference (qlora_kernels.backends.torch).
+"""Triton backend against the PyTorch reference (qlora_kernels.backends.reference).
 
 Quantize / dequantize (4-bit, fused double-quant decode, 8-bit) must be bit-exact
 (torch.equal); the 4-bit GEMM is compared with float32 ``x @ dequantize(W).T``. Without a
@@ -11,9 +11,8 @@ import torch
 pytest.importorskip("triton")
 
 import qlora_kernels as qk  # noqa: E402
-from qlora_kernels.backends import get_backend  # noqa: E402
-from qlora_kernels.backends import torch as ref  # noqa: E402
-from qlora_kernels.backends import triton as tb  # noqa: E402
+from qlora_kernels.backends import reference as ref  # noqa: E402
+import qlora_kernels.triton as tb  # noqa: E402
 from qlora_kernels.formats import (dynamic_map, encode_thresholds, fp8_e4m3_map,  # noqa: E402
                                    get_4bit_code)
 
@@ -224,10 +223,10 @@ def test_matmul_4bit(shape_index, nested, transpose_w, rng):
     for j in range(3):
         M, dtype = M_DTYPE[(j + shape_index) % 3]
         x = torch.randn(M, N if transpose_w else K, generator=rng).to(dtype).to(DEV)
-        y = tb.matmul_4bit(x, packed, st.absmax, st.code, bs, N, K,
+        y = tb.matmul_4bit_triton(x, packed, st.absmax, st.code, bs, N, K,
                            transpose_w=transpose_w, **extra)
         # the kernel multiplies x by W rounded to x.dtype and accumulates in float32
-        Wd = qk.dequantize_4bit(packed, st, out_dtype=dtype, backend="torch").float()
+        Wd = qk.dequantize_4bit(packed, st, dtype=dtype, backend="torch").float()
         want = x.float() @ (Wd if transpose_w else Wd.T)
         assert y.dtype == dtype and y.shape == want.shape
         tol = GEMM_TOL[dtype]
@@ -248,19 +247,19 @@ def test_matmul_4bit_leading_dims_and_errors(rng):
     p, a = tb.quantize_4bit(W, bs, "fp4")
     code = get_4bit_code("fp4", DEV)
     x = torch.randn(2, 3, K, generator=rng).to(DEV)
-    y = tb.matmul_4bit(x, p, a, code, bs, N, K)
+    y = tb.matmul_4bit_triton(x, p, a, code, bs, N, K)
     Wd = ref.dequantize_4bit(p, a, code, bs, N * K, torch.float32).view(N, K)
     assert y.shape == (2, 3, N)
     torch.testing.assert_close(y, x @ Wd.T, rtol=1e-5, atol=1e-4)
     xt = torch.randn(K, 5, generator=rng).to(DEV).t()  # non-contiguous rows
-    torch.testing.assert_close(tb.matmul_4bit(xt, p, a, code, bs, N, K), xt @ Wd.T,
+    torch.testing.assert_close(tb.matmul_4bit_triton(xt, p, a, code, bs, N, K), xt @ Wd.T,
                                rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="last dim must be"):
-        tb.matmul_4bit(torch.randn(3, K + 1, device=DEV), p, a, code, bs, N, K)
+        tb.matmul_4bit_triton(torch.randn(3, K + 1, device=DEV), p, a, code, bs, N, K)
     with pytest.raises(TypeError, match="x must be"):
-        tb.matmul_4bit(torch.ones(3, K, dtype=torch.int64, device=DEV), p, a, code, bs, N, K)
+        tb.matmul_4bit_triton(torch.ones(3, K, dtype=torch.int64, device=DEV), p, a, code, bs, N, K)
     with pytest.raises(ValueError, match="absmax has"):
-        tb.matmul_4bit(torch.randn(3, K, device=DEV), p, a, code, 32, N, K)
+        tb.matmul_4bit_triton(torch.randn(3, K, device=DEV), p, a, code, 32, N, K)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -294,7 +293,6 @@ def test_matmul_4bit_bias_is_rounded_once(dtype, rng, monkeypatch):
 
 # --- through the public API ---------------------------------------------------------------
 def test_public_api_backend_triton(rng):
-    assert get_backend(torch.device(DEV), "triton") is tb and tb.DEVICE_TYPE == "cuda"
     x = _data(333 * 77, torch.bfloat16, rng).view(333, 77)
     p, st = qk.quantize_4bit(x, 64, "fp4", backend="triton")
     p_ref, st_ref = qk.quantize_4bit(x, 64, "fp4", backend="torch")

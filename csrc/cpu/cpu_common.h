@@ -1,10 +1,11 @@
-// Helpers shared by the CPU kernels: input checks, dtype loads, AVX2 detection.
+// Helpers shared by the CPU kernels: dtype loads, AVX2 detection (input checks: qk_4bit_checks.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <string>
 
+#include "qk_4bit_checks.h"
 #include "qk_format.h"
 
 namespace qlora_kernels::cpu {
@@ -19,23 +20,9 @@ inline bool has_avx2() {
 #endif
 }
 
-inline int parse_quant_type(c10::string_view qt) {
-  if (qt == "nf4") return qk::kNF4;
-  if (qt == "fp4") return qk::kFP4;
-  if (qt == "int4") return qk::kINT4;
-  TORCH_CHECK(false, "quant_type must be 'nf4', 'fp4' or 'int4', got '", std::string(qt), "'");
-}
-
-inline void check_blocksize(int64_t blocksize) {
-  TORCH_CHECK(qk::is_supported_blocksize(blocksize),
-              "blocksize must be a power of two in [32, 4096], got ", blocksize);
-}
-
-inline void check_float_input(const at::Tensor& A, const char* op) {
-  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kHalf ||
-                  A.scalar_type() == at::kBFloat16,
-              op, ": input must be float32, float16 or bfloat16, got ", A.scalar_type());
-}
+using qk_checks::check_blocksize;  // the 4-bit checks are shared with the CUDA bindings
+using qk_checks::check_float_input;
+using qk_checks::parse_quant_type;
 
 // A block's float32 absmax: stored as is, or double-quantized (qabsmax non-null) and
 // decoded on the fly with the header's exact expression.

@@ -297,26 +297,11 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
                          const std::optional<at::Tensor>& bias) {
   check_float_input(x, "gemv_4bit");
   TORCH_CHECK(x.dim() == 2, "gemv_4bit: x must be 2-D [M, K], got ", x.dim(), " dims");
-  check_blocksize(blocksize);
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(N > 0 && K > 0, "gemv_4bit: empty weight (N=", N, ", K=", K, ")");
-  const int64_t n = N * K;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2,
-              "gemv_4bit: packed must be uint8 with (N*K+1)/2 = ", (n + 1) / 2,
-              " bytes for a ", N, "x", K, " weight, got ", packed.numel(), " ", packed.scalar_type());
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  TORCH_CHECK(absmax.numel() == nblocks, "gemv_4bit: absmax has ", absmax.numel(),
-              " entries, the weight has ", nblocks, " blocks");
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16,
-              "gemv_4bit: code must be a float32 tensor of 16 values");
+  qk_checks::check_4bit_weight("gemv_4bit", packed, absmax, code, blocksize, N * K,
+                               nested_absmax, nested_code);
   const bool nested = nested_absmax.has_value();
-  TORCH_CHECK(nested == nested_code.has_value(), "gemv_4bit: nested_absmax and nested_code go together");
-  TORCH_CHECK(absmax.scalar_type() == (nested ? at::kByte : at::kFloat),
-              "gemv_4bit: absmax must be ", nested ? "uint8 (double-quantized)" : "float32");
-  if (nested)
-    TORCH_CHECK(nested_code->numel() == 256 && nested_absmax->numel() ==
-                    (nblocks + qk::kNestedBlocksize - 1) / qk::kNestedBlocksize,
-                "gemv_4bit: nested state does not match the weight");
 
   if (bias.has_value())
     TORCH_CHECK(bias->is_floating_point() && bias->numel() == N && bias->dim() == 1 &&

@@ -332,34 +332,10 @@ void check_dequant_args(const at::Tensor& packed, const at::Tensor& absmax, cons
                         int64_t blocksize, int64_t numel, at::ScalarType dtype,
                         const std::optional<at::Tensor>& nested_absmax,
                         const std::optional<at::Tensor>& nested_code) {
-  check_blocksize(blocksize);
-  TORCH_CHECK(numel >= 0, "dequantize_4bit: numel must be >= 0, got ", numel);
-  TORCH_CHECK(packed.scalar_type() == at::kByte, "dequantize_4bit: packed must be uint8, got ",
-              packed.scalar_type());
-  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "dequantize_4bit: packed holds ", packed.numel(),
-              " bytes but numel ", numel, " needs ", (numel + 1) / 2);
-  const int64_t nblocks = (numel + blocksize - 1) / blocksize;
-  TORCH_CHECK(absmax.numel() == nblocks, "dequantize_4bit: absmax has ", absmax.numel(),
-              " entries, expected ", nblocks, " (numel ", numel, ", blocksize ", blocksize, ")");
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16,
-              "dequantize_4bit: code must be a float32 tensor of 16 values");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+  qk_checks::check_4bit_weight("dequantize_4bit", packed, absmax, code, blocksize, numel,
+                               nested_absmax, nested_code);
+  TORCH_CHECK(qk_checks::is_float_dtype(dtype),
               "dequantize_4bit: output dtype must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value(),
-              "dequantize_4bit: nested_absmax and nested_code go together");
-  if (nested_absmax.has_value()) {
-    TORCH_CHECK(absmax.scalar_type() == at::kByte,
-                "dequantize_4bit: a double-quantized absmax must be uint8, got ", absmax.scalar_type());
-    TORCH_CHECK(nested_absmax->scalar_type() == at::kFloat &&
-                    nested_absmax->numel() == (nblocks + qk::kNestedBlocksize - 1) / qk::kNestedBlocksize,
-                "dequantize_4bit: nested_absmax must be float32 with ceil(nblocks / 256) = ",
-                (nblocks + qk::kNestedBlocksize - 1) / qk::kNestedBlocksize, " entries");
-    TORCH_CHECK(nested_code->scalar_type() == at::kFloat && nested_code->numel() == 256,
-                "dequantize_4bit: nested_code must be a float32 tensor of 256 values");
-  } else {
-    TORCH_CHECK(absmax.scalar_type() == at::kFloat, "dequantize_4bit: absmax must be float32, got ",
-                absmax.scalar_type(), " (a uint8 absmax needs nested_absmax and nested_code)");
-  }
 }
 
 void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,

@@ -16,9 +16,9 @@ namespace {
 
 int param_type(const at::Tensor& p, const char* op) {
   switch (p.scalar_type()) {
-    case at::kFloat: return qk_cuda::kF32;
-    case at::kHalf: return qk_cuda::kF16;
-    case at::kBFloat16: return qk_cuda::kBF16;
+    case at::kFloat: return qk_cuda::kFloat32;
+    case at::kHalf: return qk_cuda::kFloat16;
+    case at::kBFloat16: return qk_cuda::kBFloat16;
     default: TORCH_CHECK(false, op, ": param must be float32, float16 or bfloat16, got ",
                          p.scalar_type());
   }
@@ -60,7 +60,7 @@ void adamw_step_multi_cuda(at::TensorList params, at::TensorList grads, at::Tens
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   std::vector<at::Tensor> g(n);  // keeps contiguous copies alive until the launches are queued
-  for (int ptype : {qk_cuda::kF32, qk_cuda::kF16, qk_cuda::kBF16}) {
+  for (int ptype : {qk_cuda::kFloat32, qk_cuda::kFloat16, qk_cuda::kBFloat16}) {
     std::vector<void*> pp;
     std::vector<const void*> gp;
     std::vector<float*> mp, vp;

@@ -155,9 +155,9 @@ cudaError_t launch8(void* p, const void* g, uint8_t* qm, float* am, uint8_t* qv,
 cudaError_t launch_adamw32(int ptype, void* p, const void* g, float* m, float* v, int64_t n,
                            const qk::AdamWScalars& s, cudaStream_t stream) {
   switch (ptype) {
-    case kF32: return launch32<float>(p, g, m, v, n, s, stream);
-    case kF16: return launch32<__half>(p, g, m, v, n, s, stream);
-    case kBF16: return launch32<__nv_bfloat16>(p, g, m, v, n, s, stream);
+    case kFloat32: return launch32<float>(p, g, m, v, n, s, stream);
+    case kFloat16: return launch32<__half>(p, g, m, v, n, s, stream);
+    case kBFloat16: return launch32<__nv_bfloat16>(p, g, m, v, n, s, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -166,9 +166,9 @@ cudaError_t launch_adamw32_multi(int ptype, int64_t count, void* const* p, const
                                  float* const* m, float* const* v, const int64_t* n,
                                  const qk::AdamWScalars* s, cudaStream_t stream) {
   switch (ptype) {
-    case kF32: return launch32_multi<float>(count, p, g, m, v, n, s, stream);
-    case kF16: return launch32_multi<__half>(count, p, g, m, v, n, s, stream);
-    case kBF16: return launch32_multi<__nv_bfloat16>(count, p, g, m, v, n, s, stream);
+    case kFloat32: return launch32_multi<float>(count, p, g, m, v, n, s, stream);
+    case kFloat16: return launch32_multi<__half>(count, p, g, m, v, n, s, stream);
+    case kBFloat16: return launch32_multi<__nv_bfloat16>(count, p, g, m, v, n, s, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -178,56 +178,12 @@ cudaError_t launch_adamw8bit(int ptype, void* p, const void* g, uint8_t* qm, flo
                              const float* code_v, int64_t n, const qk::AdamWScalars& s,
                              cudaStream_t stream) {
   switch (ptype) {
-    case kF32: return launch8<float>(p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s, stream);
-    case kF16: return launch8<__half>(p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s, stream);
-    case kBF16:
+    case kFloat32: return launch8<float>(p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s, stream);
+    case kFloat16: return launch8<__half>(p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s, stream);
+    case kBFloat16:
       return launch8<__nv_bfloat16>(p, g, qm, absmax_m, qv, absmax_v, code_m, code_v, n, s, stream);
     default: return cudaErrorInvalidValue;
   }
-}
-
-// ------------------------------------------------------------------ managed memory
-bool managed_memory_supported(int device) {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
-    cudaGetLastError();  // clear the sticky-free error so later calls are unaffected
-    return false;
-  }
-  int managed = 0;
-  if (cudaDeviceGetAttribute(&managed, cudaDevAttrManagedMemory, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return managed != 0;
-}
-
-bool concurrent_managed_access(int device) {
-  int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrConcurrentManagedAccess, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return v != 0;
-}
-
-bool pointer_is_managed(const void* ptr) {
-  cudaPointerAttributes attr;
-  if (ptr == nullptr || cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return attr.type == cudaMemoryTypeManaged;
-}
-
-cudaError_t prefetch_managed(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
-#if CUDART_VERSION >= 13000
-  cudaMemLocation loc;
-  loc.type = device < 0 ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
-  loc.id = device < 0 ? 0 : device;
-  return cudaMemPrefetchAsync(ptr, bytes, loc, 0, stream);
-#else
-  return cudaMemPrefetchAsync(ptr, bytes, device < 0 ? cudaCpuDeviceId : device, stream);
-#endif
 }
 
 }  // namespace qk_cuda

@@ -1,16 +1,14 @@
 // Torch-free entry points of csrc/cuda/adamw_kernels.cu: AdamW launchers (32-bit and
-// blockwise 8-bit state) and the CUDA unified-memory helpers of the paged optimizers.
+// blockwise 8-bit state). Param/grad element types are qk_cuda::DType codes (qk_cuda.h).
 #pragma once
 #include <cuda_runtime_api.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "qk_adamw.h"
+#include "qk_cuda.h"
 
 namespace qk_cuda {
-
-// Param/grad element type of the launchers.
-enum ParamType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 // 32-bit state: p, g of `ptype`; m, v float32; n elements.
 cudaError_t launch_adamw32(int ptype, void* p, const void* g, float* m, float* v, int64_t n,
@@ -27,12 +25,5 @@ cudaError_t launch_adamw8bit(int ptype, void* p, const void* g, uint8_t* qm, flo
                              uint8_t* qv, float* absmax_v, const float* code_m,
                              const float* code_v, int64_t n, const qk::AdamWScalars& s,
                              cudaStream_t stream);
-
-// Managed memory: device support (cudaDevAttrManagedMemory), concurrent managed access
-// (needed for prefetching), whether ptr is managed, and a prefetch to `device` (-1: host).
-bool managed_memory_supported(int device);
-bool concurrent_managed_access(int device);
-bool pointer_is_managed(const void* ptr);
-cudaError_t prefetch_managed(const void* ptr, size_t bytes, int device, cudaStream_t stream);
 
 }  // namespace qk_cuda

@@ -1,7 +1,7 @@
 // CUDA unified (managed) memory for paged optimizer state: allocation as a torch tensor with
 // a cudaFree deleter, prefetch, and queries. Registered for every device key
 // (CompositeExplicitAutograd) so CPU tensors get "not managed" / no-op. CUDA builds only;
-// CPU-only builds use the reference in qlora_kernels/optim/reference.py.
+// CPU-only builds use the reference in qlora_kernels/backends/reference/adamw.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -13,7 +13,59 @@
 #include <cstdio>
 #include <cstring>
 
-#include "adamw_kernels.cuh"
+#include <cuda_runtime_api.h>
+
+namespace qk_cuda {
+namespace {
+
+// ------------------------------------------------------------------ CUDA runtime queries
+// Device support (cudaDevAttrManagedMemory), concurrent managed access (needed for
+// prefetching), whether ptr is managed, and a prefetch to `device` (-1: host).
+bool managed_memory_supported(int device) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are unaffected
+    return false;
+  }
+  int managed = 0;
+  if (cudaDeviceGetAttribute(&managed, cudaDevAttrManagedMemory, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return managed != 0;
+}
+
+bool concurrent_managed_access(int device) {
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrConcurrentManagedAccess, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return v != 0;
+}
+
+bool pointer_is_managed(const void* ptr) {
+  cudaPointerAttributes attr;
+  if (ptr == nullptr || cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.type == cudaMemoryTypeManaged;
+}
+
+cudaError_t prefetch_managed(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
+#if CUDART_VERSION >= 13000
+  cudaMemLocation loc;
+  loc.type = device < 0 ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
+  loc.id = device < 0 ? 0 : device;
+  return cudaMemPrefetchAsync(ptr, bytes, loc, 0, stream);
+#else
+  return cudaMemPrefetchAsync(ptr, bytes, device < 0 ? cudaCpuDeviceId : device, stream);
+#endif
+}
+
+}  // namespace
+}  // namespace qk_cuda
 
 namespace qlora_kernels::cuda {
 namespace {

@@ -13,15 +13,15 @@
 #include <string>
 #include <tuple>
 
-#include "../cpu/cpu_common.h"  // parse_quant_type, check_blocksize, check_float_input
+#include "qk_4bit_checks.h"
 #include "qk_cuda.h"
 
 namespace qlora_kernels::cuda_impl {
 namespace {
 
-using cpu::check_blocksize;
-using cpu::check_float_input;
-using cpu::parse_quant_type;
+using qk_checks::check_blocksize;
+using qk_checks::check_float_input;
+using qk_checks::parse_quant_type;
 
 qk_cuda::DType kernel_dtype(at::ScalarType t, const char* op, const char* what) {
   switch (t) {
@@ -51,36 +51,28 @@ void check_table(const at::Tensor& code, const at::Tensor& ref, int64_t size, co
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// The absmax of a 4-bit state: float32 [nblocks], or uint8 [nblocks] with nested tensors.
-// Returns the launcher's view of it; keeps contiguous copies alive in `keep`.
+// The absmax of a 4-bit state (its format checked by qk_checks::check_4bit_weight): float32
+// [nblocks], or uint8 [nblocks] with nested tensors. Checks their devices and returns the
+// launcher's view of them; keeps contiguous copies alive in `keep`.
 struct AbsmaxArgs {
   const float* absmax = nullptr;
   qk_cuda::NestedAbsmax nested;
   at::Tensor keep[3];
 };
 
-AbsmaxArgs absmax_args(const at::Tensor& ref, const at::Tensor& absmax, int64_t nblocks,
+AbsmaxArgs absmax_args(const at::Tensor& ref, const at::Tensor& absmax,
                        const std::optional<at::Tensor>& nested_absmax,
                        const std::optional<at::Tensor>& nested_code, double offset,
                        const char* op) {
   AbsmaxArgs a;
   check_device(absmax, ref, op, "absmax");
-  TORCH_CHECK(absmax.numel() == nblocks, op, ": absmax has ", absmax.numel(),
-              " entries, expected ", nblocks);
-  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value(), op,
-              ": nested_absmax and nested_code go together");
   a.keep[0] = absmax.contiguous();
   if (!nested_absmax.has_value()) {
-    TORCH_CHECK(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
-                absmax.scalar_type(), " (a uint8 absmax needs nested_absmax and nested_code)");
     a.absmax = a.keep[0].data_ptr<float>();
     return a;
   }
-  TORCH_CHECK(absmax.scalar_type() == at::kByte, op,
-              ": a double-quantized absmax must be uint8, got ", absmax.scalar_type());
-  const int64_t nested_blocks = (nblocks + qk::kNestedBlocksize - 1) / qk::kNestedBlocksize;
-  check_table(*nested_absmax, ref, nested_blocks, op, "nested_absmax");
-  check_table(*nested_code, ref, 256, op, "nested_code");
+  check_device(*nested_absmax, ref, op, "nested_absmax");
+  check_device(*nested_code, ref, op, "nested_code");
   a.keep[1] = nested_absmax->contiguous();
   a.keep[2] = nested_code->contiguous();
   a.nested.qabsmax = a.keep[0].data_ptr<uint8_t>();
@@ -113,21 +105,16 @@ void dequantize_4bit_out_cuda(const at::Tensor& packed, const at::Tensor& absmax
                               const std::optional<at::Tensor>& nested_code, double offset,
                               at::Tensor& out) {
   const char* op = "dequantize_4bit";
-  check_blocksize(blocksize);
+  const int64_t numel = out.numel();
+  qk_checks::check_4bit_weight(op, packed, absmax, code, blocksize, numel, nested_absmax,
+                               nested_code);
   TORCH_CHECK(packed.is_cuda(), op, ": packed must be a CUDA tensor, got one on ", packed.device());
-  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ",
-              packed.scalar_type());
   check_device(out, packed, op, "out");
   TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
   const qk_cuda::DType dtype = kernel_dtype(out.scalar_type(), op, "the output dtype");
-  const int64_t numel = out.numel();
-  TORCH_CHECK(packed.numel() == (numel + 1) / 2, op, ": packed holds ", packed.numel(),
-              " bytes but numel ", numel, " needs ", (numel + 1) / 2);
-  check_table(code, packed, 16, op, "code");
+  check_device(code, packed, op, "code");
   const c10::cuda::CUDAGuard guard(packed.device());
-  const int64_t nblocks = (numel + blocksize - 1) / blocksize;
-  const AbsmaxArgs a =
-      absmax_args(packed, absmax, nblocks, nested_absmax, nested_code, offset, op);
+  const AbsmaxArgs a = absmax_args(packed, absmax, nested_absmax, nested_code, offset, op);
   const at::Tensor p = packed.contiguous(), c = code.contiguous();
   C10_CUDA_CHECK(qk_cuda::dequantize_4bit(p.data_ptr<uint8_t>(), a.absmax, a.nested,
                                           c.data_ptr<float>(), numel, (int)blocksize, dtype,
@@ -195,18 +182,14 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
   check_float_input(x, op);
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
-  check_blocksize(blocksize);
   TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  qk_checks::check_4bit_weight(op, packed, absmax, code, blocksize, N * K, nested_absmax,
+                               nested_code);
   check_device(packed, x, op, "packed");
-  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ",
-              packed.scalar_type());
-  TORCH_CHECK(packed.numel() == (N * K + 1) / 2, op, ": packed holds ", packed.numel(),
-              " bytes but a [", N, ", ", K, "] weight needs ", (N * K + 1) / 2);
-  check_table(code, x, 16, op, "code");
+  check_device(code, x, op, "code");
   const c10::cuda::CUDAGuard guard(x.device());
-  const AbsmaxArgs a = absmax_args(x, absmax, (N * K + blocksize - 1) / blocksize, nested_absmax,
-                                   nested_code, offset, op);
+  const AbsmaxArgs a = absmax_args(x, absmax, nested_absmax, nested_code, offset, op);
   at::Tensor bf;
   if (bias.has_value()) {
     check_device(*bias, x, op, "bias");

@@ -1,6 +1,6 @@
 // CUDA kernels for blockwise 4-bit and 8-bit quantize / dequantize (torch-free).
 //
-// Semantics are those of the PyTorch reference (qlora_kernels/backends/torch) and the CPU
+// Semantics are those of the PyTorch reference (qlora_kernels/backends/reference) and the CPU
 // kernels, bit for bit: the encode/decode math comes from qk_format.h. Built with
 // --fmad=false; the few products that must round on their own use __fmul_rn anyway.
 #include <type_traits>

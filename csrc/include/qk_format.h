@@ -19,8 +19,10 @@
 
 #if defined(__CUDACC__)
 #define QK_HD __host__ __device__ __forceinline__
+#define QK_UNROLL _Pragma("unroll")
 #else
 #define QK_HD inline
+#define QK_UNROLL  // host compilers unroll on their own; g++ warns on the CUDA pragma
 #endif
 
 namespace qk {
@@ -84,7 +86,7 @@ static constexpr float kINT4Thresholds[15] = {QK_INT4_THRESHOLDS};
 QK_HD int encode_nf4(float s) {
   const float t[15] = {QK_NF4_THRESHOLDS};
   int q = 0;
-#pragma unroll
+QK_UNROLL
   for (int k = 0; k < 15; ++k) q += (s > t[k]) ? 1 : 0;
   return q;
 }
@@ -92,7 +94,7 @@ QK_HD int encode_nf4(float s) {
 QK_HD int encode_int4(float s) {
   const float t[15] = {QK_INT4_THRESHOLDS};
   int q = 0;
-#pragma unroll
+QK_UNROLL
   for (int k = 0; k < 15; ++k) q += (s > t[k]) ? 1 : 0;
   return q;
 }
@@ -104,7 +106,7 @@ QK_HD int encode_fp4(float s) {
   const float t[7] = {QK_FP4_MAG_THRESHOLDS};
   const float a = s < 0.0f ? -s : s;
   int r = 0;
-#pragma unroll
+QK_UNROLL
   for (int k = 0; k < 7; ++k) r += (a > t[k]) ? 1 : 0;
   return fp4_rank_to_pattern(r) | (s < 0.0f ? 8 : 0);
 }
@@ -117,7 +119,7 @@ QK_HD int encode_4bit(int quant_type, float s) {
 // midpoints 0.5f * (code[k] + code[k+1]) strictly below s, found by binary search.
 QK_HD int encode_sorted256(const float* code, float s) {
   int lo = 0;
-#pragma unroll
+QK_UNROLL
   for (int step = 128; step >= 1; step >>= 1) {
     const int idx = lo + step;
     if (idx <= 255) {

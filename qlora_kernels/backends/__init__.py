@@ -1,34 +1,70 @@
-"""Backend selection: ``cuda``, ``triton``, ``cpu`` or ``torch`` (the reference).
+"""Which implementation of each ``qlora_kernels::*`` op runs: the torch dispatcher decides.
 
-A backend is chosen per call: the ``backend=`` argument, else the environment variable
-``QLORA_KERNELS_BACKEND``, else the best one available for the tensor's device
-(CUDA kernels, then Triton, then the reference on GPUs; the CPU kernels, then the
-reference on CPUs). Every backend module exposes the same functions with the
-signatures of the ``qlora_kernels::*`` op schemas.
+Default (no override), by the tensors' device: the compiled CPU and CUDA kernels
+(csrc/, registered from C++); on CUDA tensors of a build without CUDA kernels, the Triton
+kernels (``backends/triton``) and the reference for ops Triton lacks; without the
+compiled extension, the reference (``backends/reference``) everywhere.
+
+Override: the environment variable ``QLORA_KERNELS_BACKEND`` (read at import),
+``set_backend(name)`` or ``with use_backend(name):``. The chosen backend's implementation
+of every op (quantize, dequantize, 8-bit, gemv, matmul and its backward, the optimizer
+steps) is registered for the CPU and CUDA dispatch keys on top of the default kernels, in a
+``torch.library.Library`` that is destroyed when the override ends, so the default kernels
+come back. ``"cpu"`` and ``"cuda"`` name the compiled kernels, i.e. no override;
+``"torch"`` is accepted as another name of ``"reference"``.
 
 Example:
-    >>> import torch
-    >>> from qlora_kernels.backends import get_backend
-    >>> get_backend(torch.device("cpu"), "torch").__name__
-    'qlora_kernels.backends.torch'
+    >>> import torch, qlora_kernels as qk
+    >>> with qk.use_backend("torch"):
+    ...     qk.current_backend()
+    'reference'
+    >>> qk.current_backend() is None or qk.current_backend() in qk.backends.BACKENDS
+    True
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from types import ModuleType
+import warnings
+from typing import Iterator, Optional
 
-# Aliased: the submodule `backends.torch` (the reference) would shadow the name `torch`.
+# Aliased out of habit: a backend module must never shadow the torch package.
 import torch as _torch
 
 from .. import _extension
 
-BACKENDS = ("cuda", "triton", "cpu", "torch")
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+ALIASES = {"torch": "reference"}
 ENV_VAR = "QLORA_KERNELS_BACKEND"
+# Backends whose kernels are registered over the default ones while selected.
+_OVERRIDING = ("triton", "reference")
+
+_active_name: Optional[str] = None
+_active_lib: Optional[_torch.library.Library] = None
+
+
+def canonical_name(name: str) -> str:
+    """The backend's name, with ``"torch"`` read as ``"reference"``; ValueError if unknown.
+
+    Example:
+        >>> canonical_name("torch")
+        'reference'
+    """
+    name = ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {BACKENDS} "
+                         f"(or 'torch' for 'reference')")
+    return name
 
 
 def triton_available(device_type: str) -> bool:
-    """Triton runs on CUDA devices, and on the CPU only through its interpreter."""
+    """Triton runs on CUDA devices, and on the CPU only through its interpreter.
+
+    Example:
+        >>> triton_available("cpu") in (True, False)
+        True
+    """
     try:
         import triton  # noqa: F401
     except Exception:
@@ -42,7 +78,7 @@ def available_backends(device_type: str) -> list[str]:
     """Backends usable for tensors on ``device_type`` ("cpu" or "cuda"), best first.
 
     Example:
-        >>> "torch" in available_backends("cpu")
+        >>> "reference" in available_backends("cpu")
         True
     """
     out = []
@@ -52,21 +88,27 @@ def available_backends(device_type: str) -> list[str]:
         out.append("triton")
     if device_type == "cpu" and _extension.EXTENSION_LOADED:
         out.append("cpu")
-    out.append("torch")
+    out.append("reference")
     # Interpreted Triton on the CPU is for tests, never the default: it goes last.
     if device_type == "cpu" and triton_available(device_type):
         out.append("triton")
     return out
 
 
-def resolve_backend_name(device: _torch.device, backend: str | None = None) -> str:
-    """The backend name a call on ``device`` uses (see the module docstring)."""
+def resolve_backend_name(device: _torch.device, backend: Optional[str] = None) -> str:
+    """The backend a call on ``device`` runs on: ``backend``, else the active override, else
+    the device's default; RuntimeError when that backend is not available there.
+
+    Example:
+        >>> import torch
+        >>> resolve_backend_name(torch.device("cpu"), "torch")
+        'reference'
+    """
     device_type = _torch.device(device).type
-    name = backend or os.environ.get(ENV_VAR) or None
+    name = backend or _active_name
     if name is None:
         return available_backends(device_type)[0]
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: choose one of {BACKENDS}")
+    name = canonical_name(name)
     if name not in available_backends(device_type):
         why = {
             "cuda": "the extension was built without CUDA kernels, or the tensor is not on a GPU",
@@ -77,7 +119,102 @@ def resolve_backend_name(device: _torch.device, backend: str | None = None) -> s
     return name
 
 
-def get_backend(device: _torch.device, backend: str | None = None) -> ModuleType:
-    """The backend module for ``device`` (see ``resolve_backend_name``)."""
-    name = resolve_backend_name(device, backend)
-    return importlib.import_module(f"{__name__}.{name}")
+def _override_keys(name: str) -> list[str]:
+    keys = ["CUDA"]
+    if name == "reference" or triton_available("cpu"):
+        keys.append("CPU")
+    return keys
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Route every op through backend ``name`` from now on (None: back to the default).
+
+    Example:
+        >>> import qlora_kernels as qk
+        >>> qk.set_backend("reference"); qk.current_backend()
+        'reference'
+        >>> qk.set_backend(None); qk.current_backend() is None
+        True
+    """
+    global _active_name, _active_lib
+    name = None if name is None else canonical_name(name)
+    if name == _active_name:
+        return
+    if name == "cpu" and not _extension.EXTENSION_LOADED:
+        raise RuntimeError("backend 'cpu': the compiled extension is not loaded")
+    if name == "cuda" and not _extension.cuda_kernels_built():
+        raise RuntimeError("backend 'cuda': the extension was built without CUDA kernels")
+    if name == "triton" and not (triton_available("cpu") or
+                                 (triton_available("cuda") and _torch.cuda.is_available())):
+        raise RuntimeError("backend 'triton': triton is not installed (on the CPU it also "
+                           "needs TRITON_INTERPRET=1)")
+    lib = None
+    if name in _OVERRIDING:
+        from .. import ops  # noqa: F401  (the schemas exist before anything is registered)
+        module = importlib.import_module(f"{__name__}.{name}")
+        lib = _torch.library.Library("qlora_kernels", "IMPL")
+        with warnings.catch_warnings():  # overriding the default kernels is the point
+            warnings.filterwarnings("ignore", message=".*[Oo]verrid")
+            for key in _override_keys(name):
+                for op, fn in module.override_impls().items():
+                    lib.impl(op, fn, key)
+    if _active_lib is not None:
+        _active_lib._destroy()
+    _active_name, _active_lib = name, lib
+
+
+def current_backend() -> Optional[str]:
+    """The backend selected by ``set_backend``/``use_backend``/the environment, or None.
+
+    Example:
+        >>> import qlora_kernels as qk
+        >>> with qk.use_backend("reference"):
+        ...     qk.current_backend()
+        'reference'
+    """
+    return _active_name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Route every op through backend ``name`` inside the block (None: leave it as it is).
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> x = torch.randn(300)
+        >>> with qk.use_backend("reference"):
+        ...     ref = qk.quantize_4bit(x)[0]
+        >>> torch.equal(ref, qk.quantize_4bit(x)[0])
+        True
+    """
+    if name is None or canonical_name(name) == _active_name:
+        yield
+        return
+    saved = _active_name
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(saved)
+
+
+def apply_environment() -> None:
+    """Select the backend named by ``QLORA_KERNELS_BACKEND`` (called once, at import)."""
+    name = os.environ.get(ENV_VAR) or None
+    if name is not None:
+        set_backend(name)
+
+
+def backend_for_call(device: _torch.device, backend: Optional[str]):
+    """``use_backend(backend)`` after checking ``backend`` is available on ``device``: the
+    ``backend=`` argument of the public functions. None: the current routing.
+
+    Example:
+        >>> import torch
+        >>> with backend_for_call(torch.device("cpu"), "torch"):
+        ...     current_backend()
+        'reference'
+    """
+    if backend is None:
+        return contextlib.nullcontext()
+    return use_backend(resolve_backend_name(device, backend))

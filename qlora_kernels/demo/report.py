@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import List, Optional
 
-from ..serialization import atomic_write
+from ..fileio import atomic_write
 
 
 def write_json(obj, path: str) -> None:

@@ -22,73 +22,22 @@ import torch
 from torch import nn
 
 from ..functional import dequantize_4bit, quantize_4bit
-from ..quant_state import QuantState
+from ..compute_dtype import resolve_compute_dtype
+from ..matmul import matmul_4bit_call
+from ..quant_state import STATE_TENSOR_KEYS, QuantState
+from ..packed_storage import (QUANT_STORAGE_DTYPES, check_storage,  # noqa: F401
+                             is_dtensor, packed_to_storage, storage_to_packed)
 
-_STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_FROZEN = ("weight",) + _STATE_BUFFERS
-# dtypes the packed bytes may be viewed as (``quant_storage``): FSDP shards a parameter
-# group in one dtype, so the 4-bit weight can take the dtype of the parameters beside it.
-QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
-
-
-def _check_storage(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in QUANT_STORAGE_DTYPES:
-        raise ValueError(f"quant_storage must be one of {QUANT_STORAGE_DTYPES}, got {dtype}")
-    return dtype
-
-
-def packed_to_storage(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The packed uint8 bytes ``(nbytes, 1)`` viewed as ``dtype``: shape ``(ceil(nbytes /
-    itemsize), 1)``, the tail padded with zero bytes when ``nbytes`` is not a multiple.
-    No copy when no padding is needed.
-
-    Example:
-        >>> import torch
-        >>> packed_to_storage(torch.arange(5, dtype=torch.uint8).view(5, 1), torch.bfloat16).shape
-        torch.Size([3, 1])
-    """
-    _check_storage(dtype)
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed weight: expected uint8, got {packed.dtype}")
-    if dtype == torch.uint8:
-        return packed
-    flat = packed.reshape(-1)
-    pad = (-flat.numel()) % dtype.itemsize
-    if pad or flat.storage_offset() % dtype.itemsize:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(dtype).view(-1, 1)
-
-
-def storage_to_packed(weight: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """Inverse of ``packed_to_storage``: the first ``nbytes`` bytes of ``weight`` as the uint8
-    ``(nbytes, 1)`` tensor of the bitsandbytes layout (a view, no copy).
-
-    Example:
-        >>> import torch
-        >>> w = packed_to_storage(torch.arange(5, dtype=torch.uint8).view(5, 1), torch.float32)
-        >>> storage_to_packed(w, 5).flatten().tolist()
-        [0, 1, 2, 3, 4]
-    """
-    if weight.dtype == torch.uint8:
-        return weight if weight.shape == (nbytes, 1) else weight.reshape(-1)[:nbytes].view(nbytes, 1)
-    flat = weight.reshape(-1).view(torch.uint8)
-    if not nbytes <= flat.numel() < nbytes + weight.element_size():
-        raise ValueError(f"packed weight: {weight.numel()} {weight.dtype} values hold "
-                         f"{flat.numel()} bytes, expected {nbytes} (+ padding below one value)")
-    return flat[:nbytes].view(nbytes, 1)
-
-
-def is_dtensor(t) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2-sharded parameter), without
-    importing torch.distributed."""
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
-
-
+_FROZEN = ("weight",) + STATE_TENSOR_KEYS
 class Linear4bit(nn.Module):
     """``y = x @ W^T + b`` with W stored 4-bit (NF4/FP4/INT4, optional double quantization).
 
     Gradients flow to ``x`` (and ``bias``), never to the frozen weight. ``x`` is cast to
-    ``compute_dtype`` (default: x's own dtype) and the result back to x's dtype.
+    ``compute_dtype`` (default: x's own dtype; ``"auto"``: see
+    ``qlora_kernels.compute_dtype.resolve_compute_dtype``) and the result back to x's dtype.
+    The arguments follow bitsandbytes' ``Linear4bit`` (``compress_statistics`` is accepted
+    for ``double_quant``); ``compute_dtype`` comes right before ``quant_type`` here, in
+    ``from_linear`` and in ``prepare_model``.
 
     Example:
         >>> import torch, qlora_kernels as qk
@@ -100,14 +49,15 @@ class Linear4bit(nn.Module):
     quant_storage = torch.uint8  # instance attribute once set; see set_quant_storage
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 compute_dtype: Optional[torch.dtype] = None, quant_type: str = "nf4",
-                 blocksize: int = 64, double_quant: bool = True,
+                 compute_dtype: Union[None, str, torch.dtype] = None, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: Optional[bool] = None,
                  dq_code: Union[str, torch.Tensor] = "fp8", device=None,
-                 dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8):
+                 dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8, *,
+                 compress_statistics: Optional[bool] = None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.compute_dtype = compute_dtype
-        self.quant_storage = _check_storage(quant_storage)
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, device)
+        self.quant_storage = check_storage(quant_storage)
         # Initialise like nn.Linear, then quantize.
         w = torch.empty(out_features, in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
@@ -117,14 +67,17 @@ class Linear4bit(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)
                                      .uniform_(-bound, bound))
         self._set_quantized(*quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                           double_quant=double_quant, dq_code=dq_code))
+                                           double_quant=double_quant, dq_code=dq_code,
+                                           compress_statistics=compress_statistics))
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
+    def from_linear(cls, linear: nn.Linear, compute_dtype: Union[None, str, torch.dtype] = None,
+                    quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: Optional[bool] = None,
                     dq_code: Union[str, torch.Tensor] = "fp8",
-                    quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
+                    quant_storage: torch.dtype = torch.uint8, *,
+                    compress_statistics: Optional[bool] = None) -> "Linear4bit":
         """Quantize an ``nn.Linear`` (its weight dtype is kept as the state's dtype).
         ``quant_storage``: the dtype the packed bytes are stored as (see ``set_quant_storage``).
 
@@ -138,13 +91,14 @@ class Linear4bit(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = compute_dtype
-        self.quant_storage = _check_storage(quant_storage)
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, linear.weight.device)
+        self.quant_storage = check_storage(quant_storage)
         w = linear.weight.detach()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=linear.bias.requires_grad)
         self._set_quantized(*quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                           double_quant=double_quant, dq_code=dq_code))
+                                           double_quant=double_quant, dq_code=dq_code,
+                                           compress_statistics=compress_statistics))
         return self
 
     def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
@@ -158,7 +112,8 @@ class Linear4bit(nn.Module):
         s2 = state.state2
         self.register_buffer("nested_absmax", None if s2 is None else s2.absmax, persistent=False)
         self.register_buffer("nested_quant_map", None if s2 is None else s2.code, persistent=False)
-        self.offset = float(state.offset) if state.offset is not None else 0.0
+        self.offset = None if state.offset is None else float(state.offset)
+        self.__dict__.pop("_state_cache", None)
         self.blocksize, self.quant_type, self.weight_dtype = state.blocksize, state.quant_type, state.dtype
 
     @property
@@ -192,7 +147,7 @@ class Linear4bit(nn.Module):
             (torch.bfloat16, (512, 1), (1024, 1))
         """
         packed = self.packed_weight
-        self.quant_storage = _check_storage(dtype)
+        self.quant_storage = check_storage(dtype)
         self.weight = nn.Parameter(packed_to_storage(packed, dtype), requires_grad=False)
         return self
 
@@ -202,15 +157,23 @@ class Linear4bit(nn.Module):
 
     @property
     def quant_state(self) -> QuantState:
-        """The ``QuantState`` of the weight, built from the module's buffers."""
+        """The ``QuantState`` of the weight, built from the module's buffers (and kept while
+        they are the same tensors: forward reads its op arguments from it)."""
+        b = self._buffers
+        key = (b["absmax"], b["quant_map"], b["nested_absmax"], b["nested_quant_map"])
+        cached = self.__dict__.get("_state_cache")
+        if cached is not None and all(x is y for x, y in zip(cached[0], key)):
+            return cached[1]
         state2 = None
         if self.double_quant:
             state2 = QuantState(absmax=self.nested_absmax, shape=None, dtype=torch.float32,
                                 blocksize=256, quant_type="8bit", code=self.nested_quant_map)
-        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                          dtype=self.weight_dtype, blocksize=self.blocksize,
-                          quant_type=self.quant_type, code=self.quant_map,
-                          offset=self.offset if self.double_quant else None, state2=state2)
+        state = QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                           dtype=self.weight_dtype, blocksize=self.blocksize,
+                           quant_type=self.quant_type, code=self.quant_map,
+                           offset=self.offset, state2=state2)
+        self.__dict__["_state_cache"] = (key, state)
+        return state
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight (out, in), in ``dtype`` (default: the original weight dtype).
@@ -220,7 +183,7 @@ class Linear4bit(nn.Module):
             >>> qk.Linear4bit(64, 32).dequantize().shape
             torch.Size([32, 64])
         """
-        return dequantize_4bit(self.packed_weight, self.quant_state, out_dtype=dtype)
+        return dequantize_4bit(self.packed_weight, self.quant_state, dtype=dtype)
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,11 +193,12 @@ class Linear4bit(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"Linear4bit: input must be floating point, got {x.dtype}")
         cdt = self.compute_dtype or x.dtype
-        bias = None if self.bias is None else self.bias.to(cdt)
-        y = torch.ops.qlora_kernels.matmul_4bit(
-            x.to(cdt), self.packed_weight, self.absmax, self.quant_map, self.blocksize,
-            self.out_features, self.nested_absmax, self.nested_quant_map, self.offset, bias)
-        return y.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != cdt:
+            bias = bias.to(cdt)
+        y = matmul_4bit_call(x if x.dtype == cdt else x.to(cdt), self.packed_weight,
+                             self.out_features, self.quant_state.op_args(), bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -247,6 +211,7 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         # Packed bytes and float32 scales must never be cast (model.to(torch.bfloat16) would
         # otherwise corrupt them): they follow device moves only.
+        self.__dict__.pop("_state_cache", None)  # it would keep the old tensors alive
         frozen = {}
         for name in _FROZEN:
             t = self._parameters.pop(name, None) if name == "weight" else self._buffers.pop(name, None)

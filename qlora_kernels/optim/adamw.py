@@ -7,10 +7,10 @@ float16 params, which are updated in float32 and rounded once per step). ``AdamW
 stores both moments blockwise 8-bit instead (blocks of 256; signed dynamic code for the first
 moment, unsigned for the second). ``Paged*`` put large states in CUDA managed memory.
 
-Backends (``backend=``): "cuda"/"cpu" (the compiled op for the param's device), "triton"
-(32-bit state; the 8-bit step then uses the compiled op or the reference), "torch" (the
-pure-PyTorch reference). Default: the environment variable QLORA_KERNELS_BACKEND, else the
-best one for the device.
+Backends (``backend=``, applied as ``qk.use_backend(backend)`` around the update): "cuda"/
+"cpu" (the compiled op for the param's device), "triton" (32-bit state only), "reference"
+(or "torch", the pure-PyTorch reference). Default (None): the current routing, i.e.
+``QLORA_KERNELS_BACKEND``/``qk.set_backend``, else the best kernels for the device.
 
 Example:
     >>> import torch, qlora_kernels as qk
@@ -28,10 +28,10 @@ import warnings
 import torch
 
 from .. import _extension
-from ..backends import resolve_backend_name
+from ..backends import resolve_backend_name, use_backend
+from ..backends.reference import adamw as reference
 from ..formats import dynamic_map
 from . import paged as paged_mod
-from . import reference
 
 _STATE32 = ("exp_avg", "exp_avg_sq")
 _STATE8 = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
@@ -149,6 +149,11 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with use_backend(self.backend):
+            self._step_all()
+        return loss
+
+    def _step_all(self) -> None:
         names, multi = {}, {}  # per device type, resolved once per step
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -168,7 +173,7 @@ class AdamW(torch.optim.Optimizer):
                 dev = p.device.type
                 if dev not in names:
                     names[dev] = self._backend_name(p.device)
-                    multi[dev] = names[dev] == dev and _multi_op(dev)
+                    multi[dev] = _multi_op(dev)
                 if multi[dev] and "exp_avg" in state:
                     batches.setdefault(p.device, []).append((p, grad, state))
                 else:
@@ -181,7 +186,6 @@ class AdamW(torch.optim.Optimizer):
                 steps = [int(c) for c in torch.stack(counters).tolist()]
                 for (p, grad, state), step in zip(others, steps):
                     self._update(p, grad, state, hyper, step, maximize)
-        return loss
 
     def _update_many(self, device, batch, hyper, maximize: bool) -> None:
         """Multi-tensor calls for the 32-bit params of one device, step counters included:
@@ -202,23 +206,14 @@ class AdamW(torch.optim.Optimizer):
     def _update(self, p, grad, state, hyper, step: int, maximize: bool) -> None:
         if self.paged:
             paged_mod.prefetch_([state[k] for k in _STATE32 + _STATE8 if k in state], p.device)
-        name = self._backend_name(p.device)
         if "exp_avg_q" in state:
             code_m, code_v = self._code(p.device, True), self._code(p.device, False)
-            if name == "torch" or not _extension.EXTENSION_LOADED:
-                fn = reference.adamw8bit_step_
-            else:  # the compiled op (CPU/CUDA kernels, or the reference where none is built)
-                fn = torch.ops.qlora_kernels.adamw8bit_step_
-            fn(p, grad, state["exp_avg_q"], state["exp_avg_absmax"], state["exp_avg_sq_q"],
-               state["exp_avg_sq_absmax"], code_m, code_v, *hyper, step, maximize)
+            torch.ops.qlora_kernels.adamw8bit_step_(
+                p, grad, state["exp_avg_q"], state["exp_avg_absmax"], state["exp_avg_sq_q"],
+                state["exp_avg_sq_absmax"], code_m, code_v, *hyper, step, maximize)
             return
-        if name == "torch":
-            fn = reference.adamw_step_
-        elif name == "triton":
-            from ..triton.adamw import adamw_step_ as fn
-        else:
-            fn = torch.ops.qlora_kernels.adamw_step_
-        fn(p, grad, state["exp_avg"], state["exp_avg_sq"], *hyper, step, maximize)
+        torch.ops.qlora_kernels.adamw_step_(p, grad, state["exp_avg"], state["exp_avg_sq"],
+                                            *hyper, step, maximize)
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:

@@ -7,7 +7,7 @@
 
 They run on CUDA GPUs, and on the CPU through Triton's interpreter (TRITON_INTERPRET=1,
 set before triton is imported), which the tests use. Quantize and dequantize are
-bit-exact with the reference backend (qlora_kernels.backends.torch).
+bit-exact with the reference backend (qlora_kernels.backends.reference).
 
 Example:
     >>> import torch

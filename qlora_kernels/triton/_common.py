@@ -15,9 +15,7 @@ import os
 
 import torch
 
-from ..formats import NESTED_BLOCKSIZE, check_blocksize
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize
 
 
 def interpreting() -> bool:

@@ -1,5 +1,5 @@
 """Triton 8-bit blockwise quantization with a sorted 256-entry code (dynamic map, FP8, or
-any table), bit-exact with ``qlora_kernels.backends.torch.quantize_8bit/dequantize_8bit``.
+any table), bit-exact with ``qlora_kernels.backends.reference.quantize_8bit/dequantize_8bit``.
 Used for double quantization of absmax and for 8-bit optimizer state.
 
 Kernels: quantize: one program handles ROWS blocks as a [ROWS, CHUNK] tile, sweeping each
@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats import FLOAT_DTYPES
 from ._common import (check_code, check_float_input, check_same_device, next_pow2, on_device,
                       tile_elements)
 from .dequantize_4bit import cast_rn
@@ -132,7 +133,7 @@ def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
         raise ValueError("dequantize_8bit: absmax must be float32 with ceil(numel / blocksize) "
                          "entries")
     check_code(code, 256, "dequantize_8bit")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dequantize_8bit: dtype must be float32, float16 or bfloat16, got {dtype}")
     check_same_device("dequantize_8bit", q, absmax, code)
     out = torch.empty(n, dtype=dtype, device=q.device)

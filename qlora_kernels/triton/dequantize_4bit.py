@@ -1,5 +1,5 @@
 """Triton 4-bit blockwise dequantization, with the double-quantized absmax decoded in the
-same kernel; bit-exact with ``qlora_kernels.backends.torch.dequantize_4bit``.
+same kernel; bit-exact with ``qlora_kernels.backends.reference.dequantize_4bit``.
 
 Kernel: one program turns BYTES packed bytes into 2*BYTES outputs. Both codes of a byte
 belong to one block (blocksizes are even), so each byte needs one absmax. With a nested
@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats import FLOAT_DTYPES
 from ._common import check_dequant_4bit_args, flat, on_device, tile_elements
 
 _BYTES = 1024  # packed bytes per program on a GPU
@@ -131,7 +132,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         >>> dequantize_4bit(p, a, get_4bit_code("nf4"), 64, 100, torch.float32).shape  # doctest: +SKIP
         torch.Size([100])
     """
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in FLOAT_DTYPES:
         raise TypeError("dequantize_4bit: output dtype must be float32, float16 or bfloat16, "
                         f"got {dtype}")
     if numel < 0:

@@ -1,5 +1,5 @@
 """Triton 4-bit blockwise quantization (NF4 / FP4 / INT4), bit-exact with the reference
-``qlora_kernels.backends.torch.quantize_4bit`` and the C++ kernels (csrc/include/qk_format.h).
+``qlora_kernels.backends.reference.quantize_4bit`` and the C++ kernels (csrc/include/qk_format.h).
 
 Kernel: one program quantizes ROWS consecutive blocks of BLOCKSIZE elements, held as two
 [ROWS, BLOCKSIZE/2] tiles (even and odd elements), so each pair of codes packs into one

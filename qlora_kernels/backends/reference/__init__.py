@@ -4,9 +4,13 @@ when the compiled extension is missing.
 They follow shared/FORMAT.md literally and favour clarity over speed. Signatures match
 the ``qlora_kernels::*`` op schemas in csrc/ops.cpp.
 
+``override_impls()`` gives every op's reference implementation, registered over the
+compiled kernels while the reference is selected (``qk.use_backend("reference")``);
+``fallback_impls()`` those that stand in where no compiled kernel exists.
+
 Example:
     >>> import torch
-    >>> from qlora_kernels.backends import torch as ref
+    >>> from qlora_kernels.backends import reference as ref
     >>> packed, absmax = ref.quantize_4bit(torch.randn(100), 64, "nf4")
     >>> packed.shape, absmax.shape
     (torch.Size([50, 1]), torch.Size([2]))
@@ -18,10 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...formats import (NESTED_BLOCKSIZE, encode_thresholds, fp4_rank_to_pattern,
+from ...formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, encode_thresholds, fp4_rank_to_pattern,
                         check_blocksize, check_quant_type)
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -66,7 +68,7 @@ def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    if A.dtype not in _FLOAT_DTYPES:
+    if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize_4bit: input must be float32, float16 or bfloat16, got {A.dtype}")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
@@ -102,7 +104,7 @@ def dequantize_4bit_out(packed, absmax, code, blocksize: int, nested_absmax, nes
 
 
 def quantize_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    if A.dtype not in _FLOAT_DTYPES:
+    if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize_8bit: input must be float32, float16 or bfloat16, got {A.dtype}")
     x = A.reshape(-1).float()
     n = x.numel()
@@ -129,3 +131,53 @@ def gemv_4bit(x, packed, absmax, code, blocksize: int, out_features: int,
                         nested_absmax, nested_code, offset).view(out_features, k)
     y = x.float() @ w.T
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def matmul_4bit(x, packed, absmax, code, blocksize: int, out_features: int,
+                nested_absmax=None, nested_code=None, offset: float = 0.0, bias=None):
+    """x[..., K] @ W^T (+ bias): the whole W dequantized to float32, then one matmul."""
+    return gemv_4bit(x, packed, absmax, code, blocksize, out_features, nested_absmax,
+                     nested_code, offset, bias)
+
+
+def matmul_4bit_backward(grad_y, packed, absmax, code, blocksize: int, in_features: int,
+                         nested_absmax=None, nested_code=None, offset: float = 0.0):
+    """grad_y[..., N] @ W -> [..., K] in float32, returned in grad_y's dtype."""
+    n = grad_y.shape[-1]
+    w = dequantize_4bit(packed, absmax, code, blocksize, n * in_features, torch.float32,
+                        nested_absmax, nested_code, offset).view(n, in_features)
+    return (grad_y.float() @ w).to(grad_y.dtype)
+
+
+from . import adamw  # noqa: E402  (it uses the 8-bit functions above)
+
+_QUANT_OPS = ("quantize_4bit", "dequantize_4bit", "dequantize_4bit_out", "quantize_8bit",
+              "dequantize_8bit", "gemv_4bit")
+_OPTIM_OPS = ("adamw_step_", "adamw_step_multi_", "adamw8bit_step_")
+MANAGED_OPS = ("managed_supported", "managed_empty", "managed_prefetch_", "is_managed")
+
+
+def fallback_impls() -> dict:
+    """op name -> reference function, for every op with a compiled kernel somewhere (the
+    matmul ops are composite, implemented once in matmul.py over these).
+
+    Example:
+        >>> sorted(fallback_impls())[:2]
+        ['adamw8bit_step_', 'adamw_step_']
+    """
+    out = {name: globals()[name] for name in _QUANT_OPS}
+    out.update({name: getattr(adamw, name) for name in _OPTIM_OPS + MANAGED_OPS})
+    return out
+
+
+def override_impls() -> dict:
+    """op name -> reference function for every compute op, the matmul and its backward
+    included (the managed-memory ops allocate memory, they compute nothing: not overridden).
+
+    Example:
+        >>> "matmul_4bit_backward" in override_impls()
+        True
+    """
+    out = {name: f for name, f in fallback_impls().items() if name not in MANAGED_OPS}
+    out.update(matmul_4bit=matmul_4bit, matmul_4bit_backward=matmul_4bit_backward)
+    return out

@@ -8,7 +8,7 @@ applies the same update and re-encodes them blockwise (blocks of 256) with the r
 
 Example:
     >>> import torch
-    >>> from qlora_kernels.optim import reference
+    >>> from qlora_kernels.backends.reference import adamw as reference
     >>> p, g = torch.ones(4), torch.full((4,), 0.5)
     >>> m, v = torch.zeros(4), torch.zeros(4)
     >>> reference.adamw_step_(p, g, m, v, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, False)
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import torch as ref_quant
+from . import dequantize_8bit, quantize_8bit
 
 OPTIM_BLOCKSIZE = 256
 
@@ -81,8 +81,8 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2
 
 def adamw_step_multi_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float,
-                      maximize: bool) -> None:
-    """``adamw_step_`` for each param in turn. ``state_steps[i]`` is ``params[i]``'s float32
+                      maximize: bool, update=None) -> None:
+    """``adamw_step_`` (or ``update``, another backend's) for each param in turn. ``state_steps[i]`` is ``params[i]``'s float32
     step counter (torch's state layout); each is counted by one, then used, as torch does.
 
     Example:
@@ -113,7 +113,7 @@ def adamw_step_multi_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr: flo
     for st, step in zip(state_steps, counts):
         st.fill_(step)
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, counts):
-        adamw_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, maximize)
+        (update or adamw_step_)(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, maximize)
 
 
 def adamw8bit_step_(param, grad, qm, absmax_m, qv, absmax_v, code_m, code_v, lr: float,
@@ -121,11 +121,11 @@ def adamw8bit_step_(param, grad, qm, absmax_m, qv, absmax_v, code_m, code_v, lr:
                     maximize: bool) -> None:
     """The AdamW step with both moments stored blockwise 8-bit (blocks of 256)."""
     bs = OPTIM_BLOCKSIZE
-    m = ref_quant.dequantize_8bit(qm, absmax_m, code_m, bs, torch.float32)
-    v = ref_quant.dequantize_8bit(qv, absmax_v, code_v, bs, torch.float32)
+    m = dequantize_8bit(qm, absmax_m, code_m, bs, torch.float32)
+    v = dequantize_8bit(qv, absmax_v, code_v, bs, torch.float32)
     adamw_step_(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, maximize)
     for new, q, absmax, code in ((m, qm, absmax_m, code_m), (v, qv, absmax_v, code_v)):
-        nq, nabsmax = ref_quant.quantize_8bit(new, code, bs)
+        nq, nabsmax = quantize_8bit(new, code, bs)
         q.view(-1).copy_(nq)
         absmax.copy_(nabsmax)
 
