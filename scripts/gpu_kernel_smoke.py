@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
-from qlora_kernels.backends import torch as ref  # noqa: E402
+from qlora_kernels.backends import reference as ref  # noqa: E402
 
 OPS = torch.ops.qlora_kernels
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import qlora_kernels as qk
-from qlora_kernels.backends import torch as ref
+from qlora_kernels.backends import reference as ref
 from qlora_kernels.formats import dynamic_map, fp8_e4m3_map
-from qlora_kernels.optim import reference as optim_ref
+from qlora_kernels.backends.reference import adamw as optim_ref
 
 import cuda_emulation as ce
 from conftest import DTYPES

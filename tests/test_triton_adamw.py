@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from qlora_kernels.optim import reference  # noqa: E402
+from qlora_kernels.backends.reference import adamw as reference  # noqa: E402
 from qlora_kernels.triton import adamw as triton_adamw  # noqa: E402
 
 from conftest import HAS_CUDA  # noqa: E402
