@@ -189,11 +189,8 @@ def _state_dict_untied(model: nn.Module) -> Dict[str, torch.Tensor]:
 def _shards(sd: Dict[str, torch.Tensor], max_bytes: int) -> List[Dict[str, torch.Tensor]]:
     # the keys of one quantized weight stay in one shard
     groups: Dict[str, List[str]] = {}
-    for key in sd:
-        owner = key
-        for mark in (".weight.", ):
-            if mark in key:
-                owner = key[: key.index(mark) + len(mark) - 1]
+    for key in sd:  # "<module>.weight.absmax" etc. go with "<module>.weight"
+        owner = key[: key.index(".weight.") + len(".weight")] if ".weight." in key else key
         groups.setdefault(owner, []).append(key)
     shards, cur, size = [], {}, 0
     for owner, keys in groups.items():
