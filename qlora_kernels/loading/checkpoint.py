@@ -63,15 +63,19 @@ class Checkpoint:
         return n * torch.empty((), dtype=dtype).element_size()
 
     def read(self, key: str, device="cpu") -> torch.Tensor:
-        """One tensor, read from its shard (opened and closed for this read)."""
+        """One tensor, read from its shard (opened and closed for this read) into ordinary
+        memory. safetensors hands out a private memory map of the file that outlives the
+        handle: a tensor kept as is would read the file lazily (the time would show up as
+        quantization) and tie the model to a file that may later be rewritten."""
         from safetensors import safe_open
 
         path = self.location[key]
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
-                return f.get_tensor(key)
+                mapped = f.get_tensor(key)
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key!r}: {exc}") from exc
+        return mapped.clone() if mapped.device.type == "cpu" else mapped
 
 
 def _read_header(path: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
