@@ -24,6 +24,7 @@ from .serialization import load_quantized, save_quantized, split_quantized
 from .lora import QLoRALinear
 from .prepare import merge_lora, prepare_model
 from .adapters import load_adapter, save_adapter
+from .loading import CheckpointError, from_pretrained, save_pretrained
 
 backends.apply_environment()  # QLORA_KERNELS_BACKEND, once every op is registered
 
@@ -37,4 +38,5 @@ __all__ = [
     "get_4bit_code", "nf4_from_normal_quantiles", "quantize_4bit", "quantize_blockwise",
     "resolve_backend_name", "set_backend", "use_backend", "current_backend",
     "QLoRALinear", "prepare_model", "merge_lora", "save_adapter", "load_adapter",
+    "from_pretrained", "save_pretrained", "CheckpointError",
 ]

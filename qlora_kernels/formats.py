@@ -86,17 +86,60 @@ def floor_midpoints(sorted_values: torch.Tensor) -> torch.Tensor:
     return torch.where(above, torch.nextafter(t, torch.full_like(t, -float("inf"))), t)
 
 
+# bitsandbytes' CUDA encoder compares s against these float32 literals (dQuantizeNF4 and
+# dQuantizeFP4 in its csrc/kernels.cu; shared/FORMAT.md). They are decimal midpoints, and a
+# few of them are not the float32 nearest to the exact midpoint, so only these exact
+# numbers give its bytes. Kept as text: several sit within 1e-17 of a float32 rounding tie,
+# where going through a Python float (double) rounds differently from the compiler, which
+# rounds the decimal straight to float32 (``float32_from_decimal``). The C++ header holds
+# the same literals.
+NF4_BNB_THRESHOLDS = (
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906",
+    "-0.33967943489551544", "-0.23460740596055984", "-0.13791173323988914",
+    "-0.045525018125772476", "0.03979014977812767", "0.1202552504837513",
+    "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
+)
+# FP4: thresholds between the sorted magnitudes 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1
+FP4_BNB_MAG_THRESHOLDS = (
+    "0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333",
+)
+
+
+def float32_from_decimal(text: str) -> float:
+    """The float32 nearest to a decimal number (ties to even), as a C compiler reads the
+    literal ``<text>f``: rounded once, with no double in between.
+
+    Example:
+        >>> float32_from_decimal("0.1") == torch.tensor(0.1, dtype=torch.float32).item()
+        True
+    """
+    from fractions import Fraction
+
+    exact = Fraction(text)
+    guess = torch.tensor(float(exact), dtype=torch.float32)
+    cands = [torch.nextafter(guess, torch.tensor(-float("inf"))), guess,
+             torch.nextafter(guess, torch.tensor(float("inf")))]
+    best = min(cands, key=lambda c: (abs(Fraction(c.item()) - exact),
+                                     int(c.view(torch.int32).item()) & 1))
+    return best.item()
+
+
 @functools.lru_cache(maxsize=None)
 def _thresholds_cpu(quant_type: str) -> torch.Tensor:
-    code = _code_cpu(check_quant_type(quant_type))
-    if quant_type == "fp4":
-        return floor_midpoints(code[:8].sort().values)  # magnitudes; the sign is a bit
-    return floor_midpoints(code)
+    check_quant_type(quant_type)
+    if quant_type == "nf4":
+        return torch.tensor([float32_from_decimal(t) for t in NF4_BNB_THRESHOLDS])
+    if quant_type == "fp4":  # over magnitudes; the sign is a bit
+        return torch.tensor([float32_from_decimal(t) for t in FP4_BNB_MAG_THRESHOLDS])
+    return floor_midpoints(_code_cpu(quant_type))  # int4 is ours: exact nearest, ties low
 
 
 def encode_thresholds(quant_type: str) -> torch.Tensor:
-    """float32 thresholds the 4-bit encoder counts (FP4: over sorted magnitudes); see
-    ``floor_midpoints``. The C++ header holds the same numbers.
+    """Sorted float32 thresholds the 4-bit encoder counts: the code index of s is the number
+    of thresholds t with ``s > t`` (FP4: over |s|, the sign set as bit 3 when s < 0). NF4 and
+    FP4 use bitsandbytes' literals, INT4 ``floor_midpoints``. The C++ header holds the same
+    numbers.
 
     Example:
         >>> encode_thresholds("nf4").shape

@@ -64,3 +64,17 @@ def test_bench_optim_times_every_optimizer_of_the_device():
     assert set(res["median_ms"]) == {"torch_fused", "torch_foreach", "qk_adamw", "qk_adamw8bit"}
     assert all(len(v) == 2 and min(v) > 0 for v in res["all_ms"].values())
     assert res["device"] == "cpu" and res["managed_states"] == {}  # paged rows: CUDA only
+
+
+def test_bench_memory_tiny_shape_runs_every_child(tmp_path):
+    pytest.importorskip("transformers")
+    from benchmarks import bench_memory
+
+    res = bench_memory.main(["--shape", "tiny", "--json", str(tmp_path / "m.json")])
+    assert json.load(open(tmp_path / "m.json"))["shape"] == "tiny"
+    for kind in ("load", "step"):
+        r = res[kind]
+        assert "error" not in r, r
+        assert r["peak"] >= r["runtime"] > 0 and r["model_bytes"] > 0 and r["seconds"] > 0
+    assert res["estimate_gib"] > 0
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("qk-bench")]

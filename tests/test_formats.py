@@ -31,26 +31,38 @@ def test_nf4_rebuilt_from_normal_quantiles():
     assert rebuilt[7].item() == 0.0  # index 7 is exact zero
 
 
-def test_thresholds_bracket_the_format_midpoints():
-    # t <= exact midpoint < next float32 above t
+def test_nf4_thresholds_are_the_format_literals():
+    # each threshold is the float32 nearest the decimal literal (no float32 closer to it)
+    from fractions import Fraction
     thr = formats.encode_thresholds("nf4")
-    mid = torch.tensor(NF4_THRESHOLDS_FROM_FORMAT_MD, dtype=torch.float64)
-    assert (thr.double() <= mid).all()
-    nxt = torch.nextafter(thr, torch.full_like(thr, float("inf")))
-    assert (nxt.double() > mid).all()
+    for t, text in zip(thr, NF4_THRESHOLDS_FROM_FORMAT_MD):
+        exact = Fraction(repr(text))
+        d = abs(Fraction(t.item()) - exact)
+        for nb in (torch.nextafter(t, t + 1), torch.nextafter(t, t - 1)):
+            assert d <= abs(Fraction(nb.item()) - exact), text
 
 
-@pytest.mark.parametrize("qt", ["nf4", "int4"])
-def test_encode_is_nearest_with_ties_low(qt):
-    # values at, just above and just below every midpoint, plus random ones; the nearest
-    # value in float64 with ties to the lower index (argmin returns the first minimum)
+def test_nf4_literals_differ_from_nearest_midpoints():
+    # the reason the literals matter: for some thresholds, values between the literal and
+    # the exact midpoint encode differently from a nearest-value rule (bitsandbytes' bytes)
+    thr = formats.encode_thresholds("nf4")
+    nearest_rule = formats.floor_midpoints(qk.get_4bit_code("nf4"))
+    assert (thr != nearest_rule).sum().item() == 4
+    fp4 = formats.encode_thresholds("fp4")
+    fp4_rule = formats.floor_midpoints(qk.get_4bit_code("fp4")[:8].sort().values)
+    assert (fp4 != fp4_rule).sum().item() == 3
+
+
+def test_int4_encode_is_nearest_with_ties_low():
+    # INT4 is ours: values at, just above and just below every midpoint, plus random ones;
+    # the nearest value in float64 with ties to the lower index (argmin: first minimum)
     from qlora_kernels.backends import reference as ref
-    code = qk.get_4bit_code(qt).double()
+    code = qk.get_4bit_code("int4").double()
     s = ((code[:-1] + code[1:]) / 2).float()
     s = torch.cat([s, torch.nextafter(s, s + 1), torch.nextafter(s, s - 1),
                    torch.rand(1000) * 2 - 1])
     dist = (s.double()[:, None] - code[None, :]).abs()
-    assert torch.equal(ref.encode_4bit(s, qt), torch.argmin(dist, dim=1))
+    assert torch.equal(ref.encode_4bit(s, "int4"), torch.argmin(dist, dim=1))
 
 
 def test_fp4_table_is_e2m1_in_bit_order():

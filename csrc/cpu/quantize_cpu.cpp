@@ -37,10 +37,11 @@ void quantize_block_scalar(const T* x, int64_t len, int qt, float* absmax_out, u
   }
   if (nan) m = NAN;
   *absmax_out = m;
-  const float inv = qk::inverse_absmax(m);
+  const float inv = qk::inverse_absmax_4bit(m);
   for (int64_t i = 0; i < len; i += 2) {
     const int hi = qk::encode_4bit(qt, to_float(x[i]) * inv);
-    const int lo = i + 1 < len ? qk::encode_4bit(qt, to_float(x[i + 1]) * inv) : 0;
+    const int lo = i + 1 < len ? qk::encode_4bit(qt, to_float(x[i + 1]) * inv)
+                               : qk::pad_code_4bit(qt, inv);
     out[i / 2] = qk::pack_pair(hi, lo);
   }
 }
@@ -112,7 +113,7 @@ QK_AVX2 void quantize_block_avx2(const T* x, int64_t len, int qt, float* absmax_
   }
   if (nan) m = NAN;
   *absmax_out = m;
-  const __m256 inv = _mm256_set1_ps(qk::inverse_absmax(m));
+  const __m256 inv = _mm256_set1_ps(qk::inverse_absmax_4bit(m));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const __m256i lowbyte = _mm256_set1_epi16(0x00F0);
   int64_t j = 0;
@@ -131,10 +132,11 @@ QK_AVX2 void quantize_block_avx2(const T* x, int64_t len, int qt, float* absmax_
         _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j / 2), packed);
   }
-  const float inv_s = qk::inverse_absmax(m);
+  const float inv_s = qk::inverse_absmax_4bit(m);
   for (; j < len; j += 2) {
     const int hi = qk::encode_4bit(qt, to_float(x[j]) * inv_s);
-    const int lo = j + 1 < len ? qk::encode_4bit(qt, to_float(x[j + 1]) * inv_s) : 0;
+    const int lo = j + 1 < len ? qk::encode_4bit(qt, to_float(x[j + 1]) * inv_s)
+                               : qk::pad_code_4bit(qt, inv_s);
     out[j / 2] = qk::pack_pair(hi, lo);
   }
 }

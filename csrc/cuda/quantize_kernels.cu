@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (nan) m = __int_as_float(0x7fc00000);
   if (lane == 0 && len > 0) absmax[block] = m;
-  const float inv = qk::inverse_absmax(m);
+  const float inv = qk::inverse_absmax_4bit(m);
 
   // Re-reading loops stay rolled: unrolling 8-16 encode passes only grows the code.
 #pragma unroll(KEEP ? ITERS : 1)
@@ -82,12 +82,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < 4; ++j) w |= (uint32_t)qk::pack_pair(c[2 * j], c[2 * j + 1]) << (8 * j);
       *reinterpret_cast<uint32_t*>(dst) = w;
     } else {
-      // Partial chunk (last block) or unaligned pointers: byte stores; an odd numel pads
-      // the final low nibble with 0.
+      // Partial chunk (last block) or unaligned pointers: byte stores. An odd numel's
+      // final low nibble encodes the 0.0 that load8 read past the end, as bitsandbytes'
+      // kernel does.
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t e = off + 2 * j;
-        if (e < len) dst[j] = qk::pack_pair(c[2 * j], e + 1 < len ? c[2 * j + 1] : 0);
+        if (e < len) dst[j] = qk::pack_pair(c[2 * j], c[2 * j + 1]);
       }
     }
   }

@@ -7,8 +7,9 @@
 //
 // Format (see shared/FORMAT.md):
 //   * one float32 absmax per `blocksize` consecutive elements of the flat tensor;
-//   * s = x * (1 / absmax) is encoded as the index of the nearest code value, a value
-//     exactly on the midpoint of two neighbours taking the lower index;
+//   * s = (float)x * (1.0f / absmax) is encoded by strict `s > t` comparisons against
+//     thresholds between neighbouring code values (NF4/FP4: bitsandbytes' literals), a
+//     value equal to a threshold taking the lower index;
 //   * two codes per byte, element 2j in the high nibble, 2j+1 in the low nibble;
 //   * decode: out = code[q] * absmax in float32, rounded once to the output dtype;
 //   * double quantization: absmax[i] = code8[q8[i]] * scale2[i / 256] + offset,
@@ -38,25 +39,27 @@ constexpr int kNestedBlocksize = 256;  // blocks of absmax values in double quan
       0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,                \
       0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,                 \
       0.7229568362236023f, 1.0f
-// Thresholds: for each pair of neighbouring values, the largest float32 not above their
-// exact midpoint (hex literals, so no decimal-rounding ambiguity). For float32 s,
-// `s > t` then holds exactly when s lies above the real midpoint, which makes the count of
-// thresholds below s the nearest index with ties to the lower one. formats.py derives the
-// same numbers and tests/test_formats.py checks they agree.
+// NF4 thresholds: bitsandbytes' decimal literals (dQuantizeNF4 in its csrc/kernels.cu;
+// shared/FORMAT.md), so that the packed bytes equal the ones its CUDA kernel writes. They
+// are decimal midpoints, a few an ulp or more off the float32 nearest the exact midpoint;
+// `s > t` with ties to the lower index. formats.py holds the same numbers and
+// tests/test_formats.py checks they agree.
 #define QK_NF4_THRESHOLDS                                                              \
-  -0x1.b239b2p-1f, -0x1.38a4e2p-1f, -0x1.d709p-2f, -0x1.5bd4eep-2f, -0x1.e079dap-3f,       \
-      -0x1.1a7178p-3f, -0x1.74f0e2p-5f, 0x1.45f5fep-5f, 0x1.ec90c4p-4f, 0x1.a0cfcp-3f,     \
-      0x1.2b05a8p-2f, 0x1.8ea7f2p-2f, 0x1.00da06p-1f, 0x1.491b5ep-1f, 0x1.b913b2p-1f
+  -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f,                    \
+      -0.33967943489551544f, -0.23460740596055984f, -0.13791173323988914f,             \
+      -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,               \
+      0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,                   \
+      0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f
 // FP4 E2M1 as bitsandbytes orders it: [0, 0.0625, 8, 12, 4, 6, 2, 3] / 12, then negated
 #define QK_FP4_VALUES                                                                  \
   0.0f, 0.0052083334885537624f, 0.6666666865348816f, 1.0f, 0.3333333432674408f, 0.5f,  \
       0.1666666716337204f, 0.25f, -0.0f, -0.0052083334885537624f,                      \
       -0.6666666865348816f, -1.0f, -0.3333333432674408f, -0.5f,                        \
       -0.1666666716337204f, -0.25f
-// thresholds of the sorted FP4 magnitudes (0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1)
+// thresholds of the sorted FP4 magnitudes (0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1):
+// bitsandbytes' dQuantizeFP4 literals; its decision tree equals counting them.
 #define QK_FP4_MAG_THRESHOLDS                                                          \
-  0x1.555556p-9f, 0x1.6p-4f, 0x1.aaaaaap-3f, 0x1.2aaaaap-2f, 0x1.aaaaaap-2f, 0x1.2aaaaap-1f, \
-      0x1.aaaaaap-1f
+  0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f
 // symmetric absmax int4: index i holds (i - 8) / 7; index 0 (-8/7) is never produced
 #define QK_INT4_VALUES                                                                 \
   -1.1428571939468384f, -1.0f, -0.8571428656578064f, -0.7142857313156128f,             \
@@ -64,6 +67,8 @@ constexpr int kNestedBlocksize = 256;  // blocks of absmax values in double quan
       -0.1428571492433548f, 0.0f, 0.1428571492433548f, 0.2857142984867096f,            \
       0.4285714328289032f, 0.5714285969734192f, 0.7142857313156128f,                   \
       0.8571428656578064f, 1.0f
+// INT4 (ours): the largest float32 not above each exact midpoint (hex literals), so
+// counting gives the nearest index with ties to the lower one.
 #define QK_INT4_THRESHOLDS                                                             \
   -0x1.124926p+0f, -0x1.db6db8p-1f, -0x1.924926p-1f, -0x1.492494p-1f, -0x1.000002p-1f,     \
       -0x1.6db6dcp-2f, -0x1.b6db7p-3f, -0x1.24924ap-4f, 0x1.24924ap-4f, 0x1.b6db6ep-3f,    \
@@ -130,8 +135,17 @@ QK_UNROLL
   return lo;
 }
 
-// 1 / absmax, with an all-zero block mapping every value to code 0.0.
+// 1 / absmax, with an all-zero block mapping every value to code 0.0 (the 8-bit paths).
 QK_HD float inverse_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+
+// The 4-bit encoder's scale, exactly bitsandbytes' kQuantizeBlockwise: 1.0f / absmax with no
+// guard, so an all-zero block gives 0 * inf = NaN and every code (pad included) compares
+// false everywhere: code 0 for NF4, FP4 and INT4.
+QK_HD float inverse_absmax_4bit(float absmax) { return 1.0f / absmax; }
+
+// Code of the element past an odd numel: bitsandbytes loads it as 0.0 and encodes it with
+// the block's scale (the code of 0.0, or code 0 in an all-zero block).
+QK_HD int pad_code_4bit(int quant_type, float inv) { return encode_4bit(quant_type, 0.0f * inv); }
 
 // --- decode -------------------------------------------------------------------------
 // Host code relies on -ffp-contract=off (setup.py) to keep a*b+c unfused; the bit-exact

@@ -88,17 +88,39 @@ class Linear4bit(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                             requires_grad=linear.bias.requires_grad)
+        packed, state = quantize_4bit(linear.weight.detach(), blocksize=blocksize,
+                                      quant_type=quant_type, double_quant=double_quant,
+                                      dq_code=dq_code, compress_statistics=compress_statistics)
+        return cls.from_quantized(packed, state, bias=bias, compute_dtype=compute_dtype,
+                                  quant_storage=quant_storage)
+
+    @classmethod
+    def from_quantized(cls, packed: torch.Tensor, state: QuantState,
+                       bias: Optional[torch.Tensor] = None,
+                       compute_dtype: Union[None, str, torch.dtype] = None,
+                       quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
+        """A layer around an already quantized weight (``state.shape`` is (out, in)), e.g.
+        one read from a checkpoint; ``bias`` is used as given (no copy).
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> p, s = qk.quantize_4bit(torch.randn(32, 64))
+            >>> qk.Linear4bit.from_quantized(p, s).out_features
+            32
+        """
+        if len(state.shape) != 2:
+            raise ValueError(f"a Linear4bit weight is 2-D (out, in), the state has shape "
+                             f"{list(state.shape)}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = resolve_compute_dtype(compute_dtype, linear.weight.device)
+        self.out_features, self.in_features = (int(d) for d in state.shape)
+        self.compute_dtype = resolve_compute_dtype(compute_dtype, packed.device)
         self.quant_storage = check_storage(quant_storage)
-        w = linear.weight.detach()
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                  requires_grad=linear.bias.requires_grad)
-        self._set_quantized(*quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                           double_quant=double_quant, dq_code=dq_code,
-                                           compress_statistics=compress_statistics))
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else \
+            nn.Parameter(bias, requires_grad=False)
+        self._set_quantized(packed, state)
         return self
 
     def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:

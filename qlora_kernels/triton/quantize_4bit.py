@@ -57,26 +57,47 @@ def inverse_absmax(m):
 
 
 @triton.jit
+def _load_f32(ptr, offs, mask, IS_BF16: tl.constexpr):
+    """Elements as float32. bf16 widens by its bits (exact, subnormals included: the
+    interpreter's own bf16 conversion flushes them to zero, and the sign of a tiny value
+    picks FP4's -0 pattern)."""
+    if IS_BF16:
+        bits = tl.load(ptr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _inverse_absmax_4bit(m):
+    """qk::inverse_absmax_4bit: 1 / absmax unguarded, as bitsandbytes. An all-zero block gets
+    NaN instead of inf: every value is 0 there, and 0 * inf is NaN too, without the
+    interpreter's division-by-zero warning."""
+    zero = m == 0.0
+    return tl.where(zero, float("nan"),
+                    tl.math.div_rn(tl.full(m.shape, 1.0, tl.float32), tl.where(zero, 1.0, m)))
+
+
+@triton.jit
 def _quantize_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, thr_ptr, n, nblocks,
                           BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-                          QUANT_TYPE: tl.constexpr):
+                          QUANT_TYPE: tl.constexpr, IS_BF16: tl.constexpr):
     HALF: tl.constexpr = BLOCKSIZE // 2
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     even = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, HALF)[None, :]  # element 2j
     odd = even + 1                                                      # element 2j+1
-    x0 = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
-    x1 = tl.load(x_ptr + odd, mask=odd < n, other=0.0).to(tl.float32)
+    x0 = _load_f32(x_ptr, even, even < n, IS_BF16)
+    x1 = _load_f32(x_ptr, odd, odd < n, IS_BF16)
 
     # A GPU max may drop NaN, so a block's NaN is flagged separately and forced through.
     m = tl.maximum(tl.max(tl.abs(x0), axis=1), tl.max(tl.abs(x1), axis=1))
     has_nan = tl.max(((x0 != x0) | (x1 != x1)).to(tl.int32), axis=1) > 0
     m = tl.where(has_nan, float("nan"), m)
-    inv = inverse_absmax(m)
+    inv = _inverse_absmax_4bit(m)
     tl.store(absmax_ptr + rows, m, mask=rows < nblocks)
 
     q0 = _encode_4bit(x0 * inv[:, None], thr_ptr, QUANT_TYPE)
+    # odd numel: the final low nibble encodes the 0.0 loaded past the end, as bitsandbytes
     q1 = _encode_4bit(x1 * inv[:, None], thr_ptr, QUANT_TYPE)
-    q1 = tl.where(odd < n, q1, 0)  # odd numel: the final low nibble is 0
     byte = ((q0 << 4) | q1).to(tl.uint8)
     tl.store(packed_ptr + (even >> 1), byte, mask=even < n)
 
@@ -112,5 +133,6 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     with on_device(x):
         _quantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
             x, packed, absmax, _thresholds(quant_type, x.device), n, nblocks,
-            BLOCKSIZE=blocksize, ROWS=rows, QUANT_TYPE=_QT[quant_type])
+            BLOCKSIZE=blocksize, ROWS=rows, QUANT_TYPE=_QT[quant_type],
+            IS_BF16=x.dtype == torch.bfloat16)
     return packed, absmax

@@ -39,10 +39,11 @@ def _absmax_and_inverse(xb: torch.Tensor):
 
 
 def encode_4bit(s: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Nearest code index of scaled values s (ties to the lower index), as int64.
+    """Code index of scaled values s, as int64: the count of thresholds t with s > t
+    (bitsandbytes' comparisons, ties to the lower index).
 
-    NaN maps to 0, as in the C++ header (every comparison with NaN is false); callers
-    reject NaN input anyway.
+    NaN maps to 0, as in the C++ header and bitsandbytes (every comparison with NaN is
+    false); it arises from an all-zero block (0 * (1/0)) and from NaN input.
     """
     thr = encode_thresholds(quant_type).to(s.device)
     if quant_type == "fp4":
@@ -54,10 +55,11 @@ def encode_4bit(s: torch.Tensor, quant_type: str) -> torch.Tensor:
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Flat codes -> uint8 [(n+1)//2, 1]; element 2j in the high nibble."""
+    """Flat codes -> uint8 [(n+1)//2, 1]; element 2j in the high nibble. An odd count holds
+    the pad code as its last element already (``quantize_4bit`` encodes a padded 0.0)."""
     codes = codes.reshape(-1).to(torch.uint8)
     if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
+        raise ValueError("pack_4bit needs an even number of codes (pad with the code of 0.0)")
     return ((codes[0::2] << 4) | codes[1::2]).view(-1, 1)
 
 
@@ -74,9 +76,10 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     check_quant_type(quant_type)
     x = A.reshape(-1).float()
     n = x.numel()
-    xb = _blocks(x, blocksize)
-    absmax, inv = _absmax_and_inverse(xb)
-    codes = encode_4bit(xb * inv[:, None], quant_type).view(-1)[:n]
+    xb = _blocks(x, blocksize)  # the padding is 0.0, encoded like bitsandbytes' kernel
+    absmax = xb.abs().amax(dim=1)
+    inv = torch.ones_like(absmax) / absmax  # no zero guard: 0 * inf = NaN -> code 0, as bnb
+    codes = encode_4bit(xb * inv[:, None], quant_type).view(-1)[: n + n % 2]
     return pack_4bit(codes), absmax
 
 

@@ -1,0 +1,255 @@
+"""Memory of loading a LLaMA-shaped checkpoint into 4-bit, and of one QLoRA step on it.
+
+Writes a checkpoint with random bf16 weights (``--shape 1b``: TinyLlama-1.1B, 2.2 GB;
+``--shape 7b``: LLaMA-2-7B, 13.5 GB) in safetensors shards of 2 GB to a temporary
+directory (removed afterwards), then measures, each in its own process:
+
+* ``load``: peak RSS and time of ``qk.from_pretrained`` into NF4 + double quantization
+  (compute dtype bf16), the RSS the runtime itself holds after its imports, and the final
+  model's bytes; MB/s of checkpoint read;
+* ``step``: peak RSS of one QLoRA training step on it (batch 1, 512 tokens, r=64
+  all-linear, gradient checkpointing, ``qk.optim.PagedAdamW``), beside
+  ``qk.estimate_memory``'s figure for the same configuration;
+* ``bnb``: transformers + bitsandbytes' load of the same checkpoint (when installed).
+
+On CUDA (``--device cuda``) the peaks are ``torch.cuda.max_memory_allocated``.
+The checkpoint was just written, so its pages are likely in the page cache: the MB/s is
+then the load's own speed, an upper bound on a cold disk's.
+
+Usage: python benchmarks/bench_memory.py [--shape 1b|7b|tiny] [--device cpu] [--json out.json]
+       [--skip step,bnb] [--dir existing_checkpoint]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    # for the test suite: the whole pipeline in seconds
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=320),
+}
+SHARD_BYTES = 2 * 10**9
+GIB = 2**30
+
+
+def _config(shape: str):
+    from transformers import LlamaConfig
+    return LlamaConfig(tie_word_embeddings=False, dtype="bfloat16", **SHAPES[shape])
+
+
+def write_checkpoint(shape: str, directory: str) -> int:
+    """Random bf16 weights (std 0.02, norms 1), generated one tensor at a time."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from qlora_kernels.loading import params_on_meta
+
+    config = _config(shape)
+    with params_on_meta():
+        meta = LlamaForCausalLM(config)
+    config.save_pretrained(directory)
+    gen = torch.Generator().manual_seed(0)
+    shards, cur, size, total = [], {}, 0, 0
+    names = [(n, p.shape) for n, p in meta.named_parameters()]
+    for i, (name, shp) in enumerate(names):
+        if name.endswith("norm.weight"):
+            t = torch.ones(shp, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shp, generator=gen) * 0.02).to(torch.bfloat16)
+        cur[name] = t
+        size += t.numel() * 2
+        if size >= SHARD_BYTES or i == len(names) - 1:
+            shards.append(cur)
+            fname = f"model-{len(shards):05d}.safetensors"
+            save_file(cur, os.path.join(directory, fname), metadata={"format": "pt"})
+            total += size
+            cur, size = {}, 0
+            shards[-1] = (fname, list(shards[-1]))
+    weight_map = {}
+    for i, (fname, keys) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(os.path.join(directory, fname), os.path.join(directory, final))
+        weight_map.update({k: final for k in keys})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return total
+
+
+# ---------------------------------------------------------------------------- children
+def _peak(device: str) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    # VmHWM: this process image's own peak RSS (ru_maxrss would include the parent's peak,
+    # which Linux carries across fork and exec)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _model_bytes(model) -> int:
+    from qlora_kernels.prepare import weight_bytes
+    return weight_bytes(model)
+
+
+def child_load(directory: str, device: str) -> dict:
+    import transformers  # noqa: F401  (imports belong to the runtime's own share)
+    import qlora_kernels as qk
+    base = _peak(device)
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(log):  # verbose: the read / quantize / other split
+        model = qk.from_pretrained(directory, device=device, progress=False,
+                                   compute_dtype="bfloat16", verbose=True)
+    return {"seconds": time.perf_counter() - t0, "peak": _peak(device), "runtime": base,
+            "model_bytes": _model_bytes(model), "split": log.getvalue().strip()}
+
+
+def child_step(directory: str, device: str) -> dict:
+    import transformers  # noqa: F401
+    import qlora_kernels as qk
+    base = _peak(device)
+    model = qk.from_pretrained(directory, device=device, progress=False, compute_dtype="bfloat16",
+                               r=64, lora_alpha=16)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = qk.optim.PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"seconds": time.perf_counter() - t0, "peak": _peak(device), "runtime": base,
+            "model_bytes": _model_bytes(model), "loss": float(loss)}
+
+
+def child_bnb(directory: str, device: str) -> dict:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    import qlora_kernels  # noqa: F401  (same imports as the load child)
+    base = _peak(device)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, device_map=device, dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.bfloat16))
+    return {"seconds": time.perf_counter() - t0, "peak": _peak(device), "runtime": base,
+            "model_bytes": _model_bytes(model)}
+
+
+CHILDREN = {"load": child_load, "step": child_step, "bnb": child_bnb}
+
+
+def run_child(kind: str, directory: str, device: str) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind,
+                          "--dir", directory, "--device", device],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def estimate_gib(shape: str) -> float:
+    import qlora_kernels as qk
+    s = SHAPES[shape]
+    n = sum(p for p in _param_counts(s).values())
+    est = qk.estimate_memory(n, r=64, seq_len=512, batch_size=1, shapes=(
+        s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"],
+        s["num_key_value_heads"] / s["num_attention_heads"]))
+    return est.total_gb * 1e9 / GIB
+
+
+def _param_counts(s: dict) -> dict:
+    h, i, n, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
+    return {"linear": n * (2 * h * h + 2 * h * kv + 3 * h * i), "embed+head": 2 * v * h,
+            "norms": (2 * n + 1) * h}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json")
+    ap.add_argument("--skip", default="", help="comma-separated: step, bnb")
+    ap.add_argument("--dir", help="use this checkpoint instead of writing one")
+    ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args.dir, args.device)))
+        return
+    from benchmarks.timing import device_info, optional_bitsandbytes, write_json
+
+    skip = set(filter(None, args.skip.split(",")))
+    tmp = None
+    directory = args.dir
+    results = {"shape": args.shape, "device": device_info(args.device)}
+    try:
+        if directory is None:
+            tmp = directory = tempfile.mkdtemp(prefix=f"qk-bench-{args.shape}-")
+            t0 = time.perf_counter()
+            nbytes = write_checkpoint(args.shape, directory)
+            print(f"wrote {nbytes / GIB:.2f} GiB of bf16 weights in {time.perf_counter() - t0:.0f} s")
+        nbytes = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+                     if f.endswith(".safetensors"))
+        results["checkpoint_bytes"] = nbytes
+        kinds = ["load"] + [k for k in ("step", "bnb") if k not in skip]
+        if "bnb" in kinds and optional_bitsandbytes() is None:
+            kinds.remove("bnb")
+        for kind in kinds:
+            r = run_child(kind, directory, args.device)
+            results[kind] = r
+            if "error" in r:
+                print(f"{kind:5s}: failed: {r['error']}")
+                continue
+            extra = r["peak"] - r["runtime"]
+            line = (f"{kind:5s}: peak {r['peak'] / GIB:6.2f} GiB, runtime's own "
+                    f"{r['runtime'] / GIB:.2f} GiB, peak - runtime {extra / GIB:6.2f} GiB, "
+                    f"model {r['model_bytes'] / GIB:.2f} GiB, {r['seconds']:6.1f} s")
+            if kind in ("load", "bnb"):
+                line += f", {nbytes / 1e6 / r['seconds']:.0f} MB/s"
+                line += f"; peak - runtime - model = {(extra - r['model_bytes']) / GIB:.2f} GiB"
+            print(line)
+            if r.get("split"):
+                print(f"       {r['split']}")
+        if "step" in kinds:
+            est = estimate_gib(args.shape)
+            results["estimate_gib"] = est
+            if "error" not in results["step"]:
+                meas = (results["step"]["peak"] - results["step"]["runtime"]) / GIB
+                print(f"step : peak - runtime {meas:.2f} GiB vs estimate_memory {est:.2f} GiB "
+                      f"({100 * (meas / est - 1):+.0f}%)")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
