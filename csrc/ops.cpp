@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "cpu/cpu_isa.h"
 #include "qk_format.h"
 
 extern "C" {
@@ -53,6 +54,11 @@ TORCH_LIBRARY(qlora_kernels, m) {
   // the same into a preallocated flat `out` of `numel` elements (its dtype is the output dtype)
   m.def("dequantize_4bit_out(Tensor packed, Tensor absmax, Tensor code, int blocksize, "
         "Tensor? nested_absmax, Tensor? nested_code, float offset, Tensor(a!) out) -> ()");
+  // columns [col0, col0 + cols) of the (rows, row_len) weight into out (rows, cols), whole
+  // blocks only (row_len, col0, cols multiples of blocksize): the backward's tiles of W
+  m.def("dequantize_4bit_cols_out(Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+        "Tensor? nested_absmax, Tensor? nested_code, float offset, int row_len, int col0, "
+        "Tensor(a!) out) -> ()");
   // 8-bit blockwise with a sorted 256-entry code (double quantization, 8-bit optimizers)
   m.def("quantize_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
   m.def("dequantize_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
@@ -92,6 +98,14 @@ TORCH_LIBRARY(qlora_kernels, m) {
   m.def("is_managed(Tensor t) -> bool");
   m.def("format_table(str quant_type) -> Tensor");
   m.impl("format_table", c10::DispatchKey::CompositeExplicitAutograd, &format_table);
+  // Run-time CPU dispatch (csrc/cpu/cpu_isa.h): the feature bits read from the CPU, and
+  // the path the CPU kernels take (set_cpu_isa(-1): the best; refuses one the CPU lacks).
+  m.def("cpu_features() -> int");
+  m.impl("cpu_features", c10::DispatchKey::CompositeExplicitAutograd, &cpu::cpu_features);
+  m.def("set_cpu_isa(int isa) -> int");
+  m.impl("set_cpu_isa", c10::DispatchKey::CompositeExplicitAutograd, &cpu::set_cpu_isa);
+  m.def("cpu_isa() -> int");
+  m.impl("cpu_isa", c10::DispatchKey::CompositeExplicitAutograd, &cpu::cpu_isa);
 }
 
 }  // namespace qlora_kernels

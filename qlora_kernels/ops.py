@@ -34,6 +34,11 @@ SCHEMAS = {
         "dequantize_4bit_out(Tensor packed, Tensor absmax, Tensor code, int blocksize, "
         "Tensor? nested_absmax, Tensor? nested_code, float offset, Tensor(a!) out) -> ()"
     ),
+    "dequantize_4bit_cols_out": (
+        "dequantize_4bit_cols_out(Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+        "Tensor? nested_absmax, Tensor? nested_code, float offset, int row_len, int col0, "
+        "Tensor(a!) out) -> ()"
+    ),
     "quantize_8bit": "quantize_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
     "dequantize_8bit": (
         "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
@@ -74,13 +79,31 @@ SCHEMAS = {
     "managed_empty": "managed_empty(int[] size, ScalarType dtype, int device) -> Tensor",
     "managed_prefetch_": "managed_prefetch_(Tensor(a!)[] tensors, int device) -> ()",
     "is_managed": "is_managed(Tensor t) -> bool",
+    "cpu_features": "cpu_features() -> int",
+    "set_cpu_isa": "set_cpu_isa(int isa) -> int",
+    "cpu_isa": "cpu_isa() -> int",
 }
+
+
+def _dequantize_4bit_cols_out_reference(packed, absmax, code, blocksize, nested_absmax,
+                                        nested_code, offset, row_len, col0, out):
+    rows, cols = out.shape
+    w = reference.dequantize_4bit(packed, absmax, code, blocksize, rows * row_len, out.dtype,
+                                  nested_absmax, nested_code, offset)
+    out.copy_(w.view(rows, row_len)[:, col0:col0 + cols])
+
+
+def _set_cpu_isa_reference(isa):
+    if isa > 0:
+        raise RuntimeError("set_cpu_isa: the compiled extension is not loaded (scalar only)")
+    return 0
 
 # Ops with a reference implementation that can stand in for a missing kernel.
 _REFERENCE_IMPLS = {
     "quantize_4bit": reference.quantize_4bit,
     "dequantize_4bit": reference.dequantize_4bit,
     "dequantize_4bit_out": reference.dequantize_4bit_out,
+    "dequantize_4bit_cols_out": _dequantize_4bit_cols_out_reference,
     "quantize_8bit": reference.quantize_8bit,
     "dequantize_8bit": reference.dequantize_8bit,
     "gemv_4bit": reference.gemv_4bit,
@@ -91,10 +114,16 @@ _REFERENCE_IMPLS = {
     "managed_empty": optim_reference.managed_empty,
     "managed_prefetch_": optim_reference.managed_prefetch_,
     "is_managed": optim_reference.is_managed,
+    # without the extension: no SIMD feature, the scalar (reference) path only
+    "cpu_features": lambda: 0,
+    "set_cpu_isa": _set_cpu_isa_reference,
+    "cpu_isa": lambda: 0,
 }
 # Ops whose compiled kernels exist only in CUDA builds (csrc/cuda/managed_memory.cpp, which
 # registers them for every device); a CPU-only build gets the reference "nothing is managed".
 _MANAGED_OPS = ("managed_supported", "managed_empty", "managed_prefetch_", "is_managed")
+# Device-less ops of the CPU dispatch (csrc/ops.cpp registers them for every key).
+_CPU_DISPATCH_OPS = ("cpu_features", "set_cpu_isa", "cpu_isa")
 
 _fallback_lib = None
 _managed_lib = None
@@ -123,7 +152,7 @@ def _register_fallbacks() -> None:
     except Exception:  # triton missing or broken: the reference keeps CUDA tensors working
         triton_backend = None
     for name, ref_fn in _REFERENCE_IMPLS.items():
-        if name in _MANAGED_OPS:
+        if name in _MANAGED_OPS or name in _CPU_DISPATCH_OPS:
             continue
         if not _extension.has_kernel(name, "CUDA"):
             fn = getattr(triton_backend, name, None) if triton_backend is not None else None
@@ -152,6 +181,12 @@ def _dequantize_4bit_fake(packed, absmax, code, blocksize, numel, dtype,
 @torch.library.register_fake("qlora_kernels::dequantize_4bit_out")
 def _dequantize_4bit_out_fake(packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
                               out):
+    return None
+
+
+@torch.library.register_fake("qlora_kernels::dequantize_4bit_cols_out")
+def _dequantize_4bit_cols_out_fake(packed, absmax, code, blocksize, nested_absmax, nested_code,
+                                   offset, row_len, col0, out):
     return None
 
 

@@ -162,7 +162,7 @@ def test_torch_compile_fullgraph_mlp(rng):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_cpu_gemm_tiles_cover_every_row(shape, double_quant, rng, monkeypatch):
     # small tiles force many slices of packed bytes, absmax and nested scales
-    monkeypatch.setattr(mm, "TILE_ELEMENTS", 4096)
+    monkeypatch.setattr(mm, "TILE_BYTES", 4096 * 4)
     monkeypatch.setattr(mm, "MIN_TILE_ROWS", 1)
     monkeypatch.setitem(mm.GEMV_MAX_ROWS, "cpu", 0)
     n, k = shape
