@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .chunked_loss import chunked_causal_lm_loss
 from .lora import QLoRALinear
 from .nn import Linear4bit
 
@@ -230,7 +231,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
                   compute_dtype: Optional[torch.dtype] = torch.bfloat16,
                   dq_code: Union[str, torch.Tensor] = "fp8",
                   adapter_dtype: Optional[torch.dtype] = None, verbose: bool = True,
-                  quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+                  quant_storage: torch.dtype = torch.uint8, chunked_loss: bool = True
+                  ) -> nn.Module:
     """Convert ``model`` in place for QLoRA training and return it.
 
     Each targeted ``nn.Linear`` becomes ``QLoRALinear(Linear4bit.from_linear(...))`` (with
@@ -241,7 +243,10 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     embeddings (when the model has ``get_input_embeddings``) get a hook making their output
     require grad, for gradient checkpointing. Prints one summary line unless
     ``verbose=False``. ``quant_storage`` (uint8, or bf16/fp16/fp32 views of the same
-    bytes) is the packed weights' dtype, for FSDP (see docs/fsdp.md).
+    bytes) is the packed weights' dtype, for FSDP (see docs/fsdp.md). ``chunked_loss``: a
+    transformers causal LM called with ``labels`` computes its LM head and loss in chunks
+    of tokens, never the full float32 logits, and returns ``logits=None`` then
+    (chunked_loss.py); False keeps the model's own loss.
 
     Raises ValueError (listing available names) when ``target_modules`` matches nothing.
 
@@ -273,6 +278,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         del layer, base, wrapped
     _freeze_all_but_lora(model)
     enable_input_require_grads(model)
+    if chunked_loss:
+        chunked_causal_lm_loss(model)
     if verbose:
         print(_summary_line(parameter_counts(model), before, weight_bytes(model)))
     return model
