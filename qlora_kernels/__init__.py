@@ -10,7 +10,7 @@ Example:
 """
 from . import _extension
 from . import ops  # noqa: F401  (fake kernels and fallbacks)
-from . import optim
+from . import cpu_dispatch, optim
 from .backends import available_backends, resolve_backend_name
 from .formats import dynamic_map, fp8_e4m3_map, get_4bit_code, nf4_from_normal_quantiles
 from .functional import (dequantize_4bit, dequantize_absmax, dequantize_blockwise,
@@ -23,6 +23,7 @@ from .serialization import load_quantized, save_quantized, split_quantized
 from .lora import QLoRALinear
 from .prepare import merge_lora, prepare_model
 from .adapters import load_adapter, save_adapter
+from .system_info import info
 
 __version__ = "0.1.0"
 EXTENSION_LOADED = _extension.EXTENSION_LOADED
@@ -33,5 +34,5 @@ __all__ = [
     "dequantize_blockwise", "double_quantize_absmax", "dynamic_map", "fp8_e4m3_map",
     "get_4bit_code", "nf4_from_normal_quantiles", "quantize_4bit", "quantize_blockwise",
     "resolve_backend_name",
-    "QLoRALinear", "prepare_model", "merge_lora", "save_adapter", "load_adapter",
+    "QLoRALinear", "prepare_model", "merge_lora", "save_adapter", "load_adapter", "info",
 ]
