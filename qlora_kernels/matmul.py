@@ -37,11 +37,17 @@ from .quant_state import QuantState
 
 # Largest number of rows of x that takes the GEMV path, per device type, and per
 # "device:dtype" of x where that differs. CPU, measured by benchmarks/bench_matmul.py
-# (2026-11-22, 2-core AVX2) on the 4096x4096, 11008x4096 and 4096x11008 shapes: bf16 x
-# (the block fixed-point GEMV) wins up to 64 rows, GEMM from 96; float32/float16 x (the
-# exact float GEMV) wins up to 8, GEMM from 16. CUDA: not yet measured (no GPU was
-# available); 4 is a placeholder until bench_matmul.py runs on one.
-GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": 64, "cuda": 4}
+# (2-core AVX2, no native bf16) on the 4096x4096, 11008x4096 and 4096x11008 shapes: bf16 x
+# (the block fixed-point GEMV) wins up to 64 rows against the float32 GEMM, GEMM from 96;
+# float32/float16 x (the exact float GEMV) wins up to 8, GEMM from 16. Where the CPU
+# computes bf16 natively the GEMM path runs a bf16 GEMM, about 2.5x faster, and bf16 x
+# switches to it above 8 rows (benchmarks/bench_layer.py; benchmarks/README.md). CUDA: not
+# yet measured (no GPU was available); 4 is a placeholder until bench_matmul.py runs on one.
+def _cpu_bf16_gemv_max_rows() -> int:
+    return 8 if cpu_dispatch.native_bf16() else 64
+
+
+GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": _cpu_bf16_gemv_max_rows(), "cuda": 4}
 _ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
 
 
