@@ -3,8 +3,8 @@
 A ``transformers`` LlamaModel built from a config (no download; decoder blocks sized to fit
 the device, a tiny vocabulary since inputs are embeddings) is converted two ways:
 
-* **qlora**: ``prepare_model`` all-linear, NF4 + double quant, r=64, compute in float32 on
-  the CPU (the fastest correct path there) or bf16 on a GPU, ``qk.optim.PagedAdamW``;
+* **qlora**: ``prepare_model`` all-linear, NF4 + double quant, r=64, compute dtype "auto"
+  (bf16 on GPUs and CPUs with native bf16, float32 on other CPUs), ``qk.optim.PagedAdamW``;
 * **bf16 LoRA**: the same model in bf16 with LoRA (r=64) over the dense layers
   (``prepare_model(quantize=False)``), ``torch.optim.AdamW``.
 
@@ -64,7 +64,7 @@ def build(kind: str, cfg: dict, device: str, r: int):
     if kind == "qlora":
         model.to(device)
         qk.prepare_model(model, r=r, lora_alpha=16,
-                         compute_dtype=torch.bfloat16 if on_gpu else torch.float32, verbose=False)
+                         compute_dtype=qk.cpu_dispatch.auto_compute_dtype(device), verbose=False)
         opt = qk.optim.PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     else:
         model.to(device=device, dtype=torch.bfloat16)
@@ -107,6 +107,10 @@ def measure(kind: str, cfg: dict, device: str, r: int, reps: int) -> dict:
 
 MODEL_CONFIGS = ("ours", "peft_dense_bf16", "peft_dense_float32", "peft_bnb_bf16",
                  "peft_bnb_float32")
+# Ablations of "ours" for the ladder: bf16 compute with the GEMM path's dense GEMM in
+# float32 (the CPU path capped at avx512, i.e. no native bf16: the GEMM before this change),
+# and without the chunked LM-head loss.
+ABLATIONS = ("ours_float32_gemm", "ours_no_chunked_loss")
 
 
 def _vm_hwm() -> int:
@@ -121,10 +125,14 @@ def _build_model(config: str):
     from qlora_kernels.demo.model import load_model, _cache_dir, find_gguf
 
     lm, tok, _ = load_model(dtype=torch.float32)
-    if config == "ours":
+    if config.startswith("ours"):
         dtype = qk.cpu_dispatch.auto_compute_dtype("cpu")
+        if config == "ours_float32_gemm":
+            dtype = torch.bfloat16
+            qk.cpu_dispatch.set_cpu_isa("avx512")
         lm.to(dtype)
-        qk.prepare_model(lm, r=16, lora_alpha=32, compute_dtype=dtype, verbose=False)
+        qk.prepare_model(lm, r=16, lora_alpha=32, compute_dtype=dtype, verbose=False,
+                         chunked_loss=config != "ours_no_chunked_loss")
         params = [p for p in lm.parameters() if p.requires_grad]
         return lm, tok, qk.optim.AdamW(params, lr=1e-4), dtype
     import peft
@@ -227,12 +235,13 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--model", action="store_true",
                         help="the real SmolLM2-135M against PEFT (+ bitsandbytes)")
-    parser.add_argument("--configs", nargs="+", default=list(MODEL_CONFIGS), choices=MODEL_CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=list(MODEL_CONFIGS),
+                        choices=MODEL_CONFIGS + ABLATIONS)
     parser.add_argument("--shapes", nargs="+", default=["4x128", "1x1024"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-ups)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads in each configuration's process (--model)")
-    parser.add_argument("--one", choices=MODEL_CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=MODEL_CONFIGS + ABLATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
