@@ -41,10 +41,10 @@ from .quant_state import QuantState
 # (the block fixed-point GEMV) wins up to 64 rows against the float32 GEMM, GEMM from 96;
 # float32/float16 x (the exact float GEMV) wins up to 8, GEMM from 16. Where the CPU
 # computes bf16 natively the GEMM path runs a bf16 GEMM, about 2.5x faster, and bf16 x
-# switches to it above 8 rows (benchmarks/bench_layer.py; benchmarks/README.md). CUDA: not
+# switches to it above 16 rows (benchmarks/bench_layer.py; benchmarks/README.md). CUDA: not
 # yet measured (no GPU was available); 4 is a placeholder until bench_matmul.py runs on one.
 def _cpu_bf16_gemv_max_rows() -> int:
-    return 8 if cpu_dispatch.native_bf16() else 64
+    return 16 if cpu_dispatch.native_bf16() else 64
 
 
 GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": _cpu_bf16_gemv_max_rows(), "cuda": 4}

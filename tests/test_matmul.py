@@ -271,9 +271,9 @@ def test_gemv_threshold_per_dtype(monkeypatch):
     monkeypatch.setattr(mm, "GEMV_MAX_ROWS", dict(mm.GEMV_MAX_ROWS))
     monkeypatch.delenv("QLORA_KERNELS_GEMV_MAX_ROWS", raising=False)
     # measured defaults: the bf16 fixed-point GEMV wins to 64 rows against a float32 GEMM,
-    # to 8 against the bf16 GEMM of a CPU with native bf16; the float GEMV to 8
+    # to 16 against the bf16 GEMM of a CPU with native bf16; the float GEMV to 8
     native = qk.cpu_dispatch.native_bf16()
-    assert mm.gemv_max_rows("cpu", torch.bfloat16) == (8 if native else 64)
+    assert mm.gemv_max_rows("cpu", torch.bfloat16) == (16 if native else 64)
     assert mm.gemv_max_rows("cpu", torch.float32) == mm.gemv_max_rows("cpu", torch.float16) == 8
     mm.set_gemv_max_rows(3, "cpu", torch.float16)
     assert mm.gemv_max_rows("cpu", torch.float16) == 3
