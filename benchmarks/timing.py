@@ -18,8 +18,10 @@ import time
 import torch
 
 
-def median_time(fn, device="cpu", warmup: int = 3, reps: int = 15) -> float:
-    """Median seconds of ``fn()`` after ``warmup`` calls."""
+def median_time(fn, device="cpu", warmup: int = 3, reps: int = 15, clock=None) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` calls. CPU: measured with ``clock``
+    (default ``time.perf_counter``; ``time.process_time`` counts this process's CPU time,
+    which a loaded machine disturbs far less than wall time, for single-thread runs)."""
     for _ in range(warmup):
         fn()
     if torch.device(device).type == "cuda":
@@ -33,15 +35,16 @@ def median_time(fn, device="cpu", warmup: int = 3, reps: int = 15) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
+    clock = clock or time.perf_counter
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
-def paired_times(fns: dict, device="cpu", warmup: int = 2, rounds: int = 15) -> dict:
+def paired_times(fns: dict, device="cpu", warmup: int = 2, rounds: int = 15, clock=None) -> dict:
     """Time several functions round-robin: each round runs every function once (order
     rotating), so all of them see the same machine load. Returns per-function median
     seconds and, for ratios, the per-round times (``name -> list``).
@@ -56,7 +59,8 @@ def paired_times(fns: dict, device="cpu", warmup: int = 2, rounds: int = 15) -> 
         for n in names:
             fns[n]()
     # calls per measurement: enough for ~10 ms, so short kernels are not timer noise
-    inner = {n: max(1, int(0.01 / max(median_time(fns[n], device, warmup=0, reps=3), 1e-7)))
+    inner = {n: max(1, int(0.01 / max(median_time(fns[n], device, warmup=0, reps=3, clock=clock),
+                                       1e-7)))
              for n in names}
     per = {n: [] for n in names}
     for i in range(rounds):
@@ -67,7 +71,7 @@ def paired_times(fns: dict, device="cpu", warmup: int = 2, rounds: int = 15) -> 
             def batch(fn=fns[n], k=k):
                 for _ in range(k):
                     fn()
-            per[n].append(median_time(batch, device, warmup=0, reps=1) / k)
+            per[n].append(median_time(batch, device, warmup=0, reps=1, clock=clock) / k)
     return {"median": {n: statistics.median(v) for n, v in per.items()}, "rounds": per}
 
 

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "cpu/cpu_isa.h"
 #include "qk_format.h"
 
 extern "C" {
@@ -49,6 +50,11 @@ TORCH_LIBRARY(qlora_kernels, m) {
 #undef QK_OP
   m.def("format_table(str quant_type) -> Tensor");
   m.impl("format_table", c10::DispatchKey::CompositeExplicitAutograd, &format_table);
+  // Run-time CPU dispatch (csrc/cpu/cpu_isa.h): the feature bits read from the CPU, and
+  // the path the CPU kernels take (set_cpu_isa(-1): the best; refuses one the CPU lacks).
+  m.impl("cpu_features", c10::DispatchKey::CompositeExplicitAutograd, &cpu::cpu_features);
+  m.impl("set_cpu_isa", c10::DispatchKey::CompositeExplicitAutograd, &cpu::set_cpu_isa);
+  m.impl("cpu_isa", c10::DispatchKey::CompositeExplicitAutograd, &cpu::cpu_isa);
 }
 
 }  // namespace qlora_kernels

@@ -10,7 +10,7 @@ Example:
 """
 from . import _extension
 from . import ops  # noqa: F401  (fake kernels and fallbacks)
-from . import optim
+from . import cpu_dispatch, optim
 from .backends import (available_backends, current_backend, resolve_backend_name, set_backend,
                        use_backend)
 from .formats import dynamic_map, fp8_e4m3_map, get_4bit_code, nf4_from_normal_quantiles
@@ -25,6 +25,7 @@ from .lora import QLoRALinear
 from .prepare import merge_lora, prepare_model
 from .adapters import load_adapter, save_adapter
 from .loading import CheckpointError, from_pretrained, save_pretrained
+from .system_info import info
 
 backends.apply_environment()  # QLORA_KERNELS_BACKEND, once every op is registered
 
@@ -37,6 +38,6 @@ __all__ = [
     "dequantize_blockwise", "double_quantize_absmax", "dynamic_map", "fp8_e4m3_map",
     "get_4bit_code", "nf4_from_normal_quantiles", "quantize_4bit", "quantize_blockwise",
     "resolve_backend_name", "set_backend", "use_backend", "current_backend",
-    "QLoRALinear", "prepare_model", "merge_lora", "save_adapter", "load_adapter",
+    "QLoRALinear", "prepare_model", "merge_lora", "save_adapter", "load_adapter", "info",
     "from_pretrained", "save_pretrained", "CheckpointError",
 ]

@@ -5,6 +5,7 @@ Commands:
            perplexity tables, fine-tune, adapter, report)
   memory   the QLoRA memory table for a model size (``--params 65e9``)
   bench    every benchmark (``python -m benchmarks``; e.g. ``bench --quick``)
+  info     the CPU's features, the path each CPU kernel takes, the GEMV/GEMM thresholds
 
 Example:
     $ python -m qlora_kernels demo
@@ -35,6 +36,13 @@ def _memory(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    import qlora_kernels as qk
+
+    qk.info()
+    return 0
+
+
 def _bench(bench_args) -> int:
     import importlib
     import os
@@ -62,6 +70,8 @@ def main(argv=None) -> int:
     mem.add_argument("--r", type=int, default=64)
     mem.add_argument("--world-size", type=int, default=1)
     mem.set_defaults(func=_memory)
+    sub.add_parser("info", help="CPU features, kernel paths, GEMV/GEMM thresholds"
+                   ).set_defaults(func=_info)
     sub.add_parser("bench", help="run the benchmarks (python -m benchmarks; same options)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its options belong to the harness

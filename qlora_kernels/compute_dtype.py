@@ -18,16 +18,26 @@ import torch
 AUTO = "auto"
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_computes_bf16_natively() -> bool:
-    """Whether this CPU multiplies bf16 matrices about as fast as float32 (AVX512-BF16 / AMX
-    class hardware), judged once per process by timing a 256x256 matmul in each dtype:
-    emulated bf16 is several times slower than float32, native bf16 is not (within 1.5x).
+    """Whether this CPU computes bf16 natively (AVX512-BF16, which AMX-BF16 CPUs also have):
+    read from the CPU's features by the extension (``cpu_dispatch.native_bf16``, which also
+    honours a forced lower path); without the extension, judged once by timing.
 
     Example:
         >>> cpu_computes_bf16_natively() in (True, False)
         True
     """
+    from . import _extension, cpu_dispatch
+
+    if _extension.EXTENSION_LOADED:
+        return cpu_dispatch.native_bf16()
+    return _bf16_matmul_is_fast()
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_matmul_is_fast() -> bool:
+    """A 256x256 matmul timed once in each dtype: emulated bf16 is several times slower
+    than float32, native bf16 is not (within 1.5x)."""
     def best_of(dtype: torch.dtype) -> float:
         a = torch.randn(256, 256).to(dtype)
         a @ a  # warm-up: first-call allocation and kernel selection

@@ -5,9 +5,10 @@
 (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``) so that module paths
 and adapter keys line up with a PEFT model of the same base (see adapters.py).
 
-Memory: the 4-bit base saves only its packed weight for backward (matmul.py); the adapter
-path saves ``dropout(x)`` (for grad A) and ``A(dropout(x))`` (for grad B), exactly what a
-LoRA over a dense bf16 layer saves. No dequantized W is kept between forward and backward.
+Memory: over a 4-bit base with adapters in its compute dtype, one fused autograd Function
+computes the layer (lora_fused.py): it saves x, ``x·Aᵀ`` and the packed weight (plus one
+boolean mask with dropout), never a dequantized W. Other combinations (a dense base, float32
+adapters over a bf16 base, a sharded weight) compose the base layer and two ``nn.Linear``.
 
 Example:
     >>> import torch, qlora_kernels as qk
@@ -24,7 +25,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .lora_fused import qlora_linear
 from .nn import Linear4bit
+from .nn.linear4bit import is_dtensor
 
 _INITS = ("kaiming", "gaussian")
 
@@ -118,7 +121,28 @@ class QLoRALinear(nn.Module):
         self.lora_alpha = float(lora_alpha)
         self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    def _fused_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The compute dtype when the fused Function (lora_fused.py) computes this layer: a
+        4-bit base whose adapters are in its compute dtype, on a plain (unsharded) weight."""
+        base = self.base_layer
+        if not isinstance(base, Linear4bit) or is_dtensor(base.weight):
+            return None
+        cdt = base.compute_dtype or x.dtype
+        a = self.lora_A.weight
+        if a.dtype != cdt or self.lora_B.weight.dtype != cdt or x.shape[-1] != self.in_features:
+            return None
+        return cdt
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cdt = self._fused_dtype(x) if x.is_floating_point() else None
+        if cdt is not None:
+            base = self.base_layer
+            drop = self.lora_dropout
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            bias = None if base.bias is None else base.bias.to(cdt)
+            y = qlora_linear(x.to(cdt), base.packed_weight, base.quant_state, self.lora_A.weight,
+                             self.lora_B.weight, self.scaling, bias, p)
+            return y.to(x.dtype)
         y = self.base_layer(x)
         a = self.lora_A.weight
         # The adapter runs in its own dtype; the sum is taken in the base output's dtype.

@@ -32,16 +32,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _extension, ops  # noqa: F401
+from . import _extension, cpu_dispatch, ops  # noqa: F401
 from .quant_state import QuantState
 
 # Largest number of rows of x that takes the GEMV path, per device type, and per
 # "device:dtype" of x where that differs. CPU, measured by benchmarks/bench_matmul.py
-# (2026-11-22, 2-core AVX2) on the 4096x4096, 11008x4096 and 4096x11008 shapes: bf16 x
-# (the block fixed-point GEMV) wins up to 64 rows, GEMM from 96; float32/float16 x (the
-# exact float GEMV) wins up to 8, GEMM from 16. CUDA: not yet measured (no GPU was
-# available); 4 is a placeholder until bench_matmul.py runs on one.
-GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": 64, "cuda": 4}
+# (2-core AVX2, no native bf16) on the 4096x4096, 11008x4096 and 4096x11008 shapes: bf16 x
+# (the block fixed-point GEMV) wins up to 64 rows against the float32 GEMM, GEMM from 96;
+# float32/float16 x (the exact float GEMV) wins up to 8, GEMM from 16. Where the CPU
+# computes bf16 natively the GEMM path runs a bf16 GEMM, about 2.5x faster, and bf16 x
+# switches to it above 16 rows (benchmarks/bench_layer.py; benchmarks/README.md). CUDA: not
+# yet measured (no GPU was available); 4 is a placeholder until bench_matmul.py runs on one.
+def _cpu_bf16_gemv_max_rows() -> int:
+    return 16 if cpu_dispatch.native_bf16() else 64
+
+
+GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": _cpu_bf16_gemv_max_rows(), "cuda": 4}
 _ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
 
 
@@ -86,27 +92,50 @@ def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
     return GEMV_MAX_ROWS.get(device_type, 8)
 
 
-# Elements of W dequantized per CPU GEMM tile (float32: 4 MB), and at least this many rows:
-# each tile's GEMM streams all of x (forward) or grad_x (backward) once more, so thin tiles
-# of a wide W cost (4096x11008 at 512 rows: 64-row tiles 1.22x dense float32, 256-row 1.0x).
-TILE_ELEMENTS = 1 << 20
+# Bytes of W dequantized per CPU GEMM tile (4 MB), and at least this many rows (forward) or
+# columns (backward) per tile: each tile's GEMM streams all of x (forward) or grad_y
+# (backward) once more, so thin tiles of a wide W cost (4096x11008 at 512 rows, float32:
+# 64-row tiles 1.22x dense, 256-row 1.0x).
+TILE_BYTES = 4 << 20
 MIN_TILE_ROWS = 256
 
 
-def _row_tiles(n: int, k: int, blocksize: int, nested: bool):
+def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU GEMM path runs its dense GEMM in for x of ``dtype``: x's own where
+    the CPU has a fast GEMM for it (float32 always, bf16 where the CPU computes bf16
+    natively), float32 otherwise (fp16 GEMMs, and bf16 ones on AVX2-only CPUs, run at a
+    fraction of float32 speed).
+
+    Example:
+        >>> cpu_gemm_dtype(torch.float16)
+        torch.float32
+    """
+    if dtype == torch.bfloat16 and cpu_dispatch.native_bf16():
+        return dtype
+    return torch.float32
+
+
+def _tile_len(other: int, esize: int, step: int) -> int:
+    """Rows (or columns) per tile of W for ``other`` columns (rows) of ``esize``-byte
+    elements, a multiple of ``step``."""
+    n = max(TILE_BYTES // esize // max(other, 1), MIN_TILE_ROWS)
+    return max(step, n // step * step)
+
+
+def _row_tiles(n: int, k: int, blocksize: int, nested: bool, esize: int = 4):
     """Row ranges of W whose flat start is aligned to a block (and to a 256-block group of
     the nested scales), so each tile's bytes, absmax and nested scales are plain slices."""
     align = blocksize * (256 if nested else 1)
-    step = align // math.gcd(k, align)  # rows per aligned unit (align is even)
-    rows = max(step, max(TILE_ELEMENTS // max(k, 1), MIN_TILE_ROWS) // step * step)
+    rows = _tile_len(k, esize, align // math.gcd(k, align))  # rows per aligned unit
     return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
 
 
-def _dequantize_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset):
-    """Yield (r0, r1, W[r0:r1] as float32) tiles, reusing one buffer."""
+def _dequantize_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
+                      dtype=torch.float32):
+    """Yield (r0, r1, W[r0:r1] in ``dtype``) tiles, reusing one buffer."""
     flat = packed.reshape(-1)
-    tiles = _row_tiles(n, k, blocksize, nested_absmax is not None)
-    buf = torch.empty((tiles[0][1] - tiles[0][0]) * k, dtype=torch.float32, device=packed.device)
+    tiles = _row_tiles(n, k, blocksize, nested_absmax is not None, dtype.itemsize)
+    buf = torch.empty((tiles[0][1] - tiles[0][0]) * k, dtype=dtype, device=packed.device)
     for r0, r1 in tiles:
         e0, e1 = r0 * k, r1 * k
         b0, b1 = e0 // blocksize, -(-e1 // blocksize)
@@ -117,6 +146,20 @@ def _dequantize_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nest
         torch.ops.qlora_kernels.dequantize_4bit_out(flat[e0 // 2: (e1 + 1) // 2], absmax[b0:b1],
                                                     code, blocksize, na, nested_code, offset, w)
         yield r0, r1, w.view(r1 - r0, k)
+
+
+def _dequantize_col_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code,
+                          offset, dtype):
+    """Yield (c0, c1, W[:, c0:c1] in ``dtype``) tiles (k a multiple of the blocksize), so
+    each column range of grad_x is one GEMM: rounded once, never accumulated across tiles."""
+    cols = _tile_len(n, dtype.itemsize, blocksize)
+    buf = torch.empty(n * min(cols, k), dtype=dtype, device=packed.device)
+    for c0 in range(0, k, cols):
+        c1 = min(k, c0 + cols)
+        w = buf[: n * (c1 - c0)].view(n, c1 - c0)
+        torch.ops.qlora_kernels.dequantize_4bit_cols_out(packed, absmax, code, blocksize,
+                                                         nested_absmax, nested_code, offset, k, c0, w)
+        yield c0, c1, w
 
 
 def _triton_gemm(device: torch.device):
@@ -150,13 +193,18 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
             y = gemm(x2, packed, absmax, code, blocksize, out_features, k,
                      nested_absmax, nested_code, offset, bias=bias)
         else:
-            xf = x2.float()
-            y = torch.empty(m, out_features, dtype=torch.float32, device=x.device)
+            # W dequantized a tile at a time straight into the GEMM dtype; each tile's GEMM
+            # writes its own columns of y (rounded once, bias included: addmm).
+            gd = cpu_gemm_dtype(x.dtype) if x.device.type == "cpu" else torch.float32
+            xg = x2.to(gd)
+            y = torch.empty(m, out_features, dtype=gd, device=x.device)
+            bg = None if bias is None else bias.to(gd)
             for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, out_features, k,
-                                               nested_absmax, nested_code, offset):
-                y[:, r0:r1] = xf @ w.T
-            if bias is not None:
-                y += bias.float()
+                                               nested_absmax, nested_code, offset, gd):
+                if bg is None:
+                    torch.mm(xg, w.T, out=y[:, r0:r1])
+                else:
+                    torch.addmm(bg[r0:r1], xg, w.T, out=y[:, r0:r1])
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
@@ -169,11 +217,20 @@ def _matmul_4bit_backward_impl(grad_y, packed, absmax, code, blocksize, in_featu
         gx = gemm(g2, packed, absmax, code, blocksize, n, in_features, nested_absmax,
                             nested_code, offset, transpose_w=True)
     else:
-        gf = g2.float()
-        gx = torch.zeros(g2.shape[0], in_features, dtype=torch.float32, device=grad_y.device)
-        for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, n, in_features,
-                                           nested_absmax, nested_code, offset):
-            gx.addmm_(gf[:, r0:r1], w)
+        gd = cpu_gemm_dtype(g2.dtype) if g2.device.type == "cpu" else torch.float32
+        gg = g2.to(gd)
+        if in_features % blocksize == 0:
+            gx = torch.empty(g2.shape[0], in_features, dtype=gd, device=grad_y.device)
+            for c0, c1, w in _dequantize_col_tiles(packed, absmax, code, blocksize, n,
+                                                   in_features, nested_absmax, nested_code,
+                                                   offset, gd):
+                torch.mm(gg, w, out=gx[:, c0:c1])
+        else:  # row tiles whose partial products add up in float32
+            gf = gg.float()
+            gx = torch.zeros(g2.shape[0], in_features, dtype=torch.float32, device=grad_y.device)
+            for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, n, in_features,
+                                               nested_absmax, nested_code, offset):
+                gx.addmm_(gf[:, r0:r1], w)
     return gx.to(grad_y.dtype).view(*grad_y.shape[:-1], in_features)
 
 

@@ -77,7 +77,7 @@ def _register_fallbacks() -> None:
     if torch.version.cuda is None:
         return
     _fallback_lib = _cuda_stand_ins([name for name in reference_impls
-                                     if name not in reference.MANAGED_OPS
+                                     if name not in reference.DEVICELESS_OPS
                                      and not _extension.has_kernel(name, "CUDA")])
 
 
@@ -110,7 +110,7 @@ def replace_cuda_kernels() -> None:
     global _replaced_lib
     if _replaced_lib is None:
         _replaced_lib = _cuda_stand_ins([n for n in reference.fallback_impls()
-                                         if n not in reference.MANAGED_OPS])
+                                         if n not in reference.DEVICELESS_OPS])
 
 
 _register_fallbacks()
@@ -134,6 +134,12 @@ def _dequantize_4bit_fake(packed, absmax, code, blocksize, numel, dtype,
 @torch.library.register_fake("qlora_kernels::dequantize_4bit_out")
 def _dequantize_4bit_out_fake(packed, absmax, code, blocksize, nested_absmax, nested_code, offset,
                               out):
+    return None
+
+
+@torch.library.register_fake("qlora_kernels::dequantize_4bit_cols_out")
+def _dequantize_4bit_cols_out_fake(packed, absmax, code, blocksize, nested_absmax, nested_code,
+                                   offset, row_len, col0, out):
     return None
 
 

@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .chunked_loss import chunked_causal_lm_loss
 from .compute_dtype import resolve_compute_dtype
 from .lora import QLoRALinear
 from .memory import parameter_counts, weight_bytes
@@ -196,7 +197,7 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
                   quant_type: str = "nf4", blocksize: int = 64, double_quant: Optional[bool] = None,
                   dq_code: Union[str, torch.Tensor] = "fp8",
                   adapter_dtype: Optional[torch.dtype] = None, verbose: bool = True,
-                  quant_storage: torch.dtype = torch.uint8, *,
+                  quant_storage: torch.dtype = torch.uint8, chunked_loss: bool = True, *,
                   compress_statistics: Optional[bool] = None) -> nn.Module:
     """Convert ``model`` in place for QLoRA training and return it.
 
@@ -211,7 +212,10 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     bytes) is the packed weights' dtype, for FSDP (see docs/fsdp.md). ``compute_dtype``
     defaults to ``"auto"`` (``qlora_kernels.compute_dtype.resolve_compute_dtype``: bf16 on
     GPUs and on CPUs with native bf16, else float32); ``compress_statistics`` is
-    bitsandbytes' name for ``double_quant``.
+    bitsandbytes' name for ``double_quant``. ``chunked_loss``: a
+    transformers causal LM called with ``labels`` computes its LM head and loss in chunks
+    of tokens, never the full float32 logits, and returns ``logits=None`` then
+    (chunked_loss.py); False keeps the model's own loss.
 
     Raises ValueError (listing available names) when ``target_modules`` matches nothing.
 
@@ -247,6 +251,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         del layer, base, wrapped
     _freeze_all_but_lora(model)
     enable_input_require_grads(model)
+    if chunked_loss:
+        chunked_causal_lm_loss(model)
     if verbose:
         print(_summary_line(parameter_counts(model), before, weight_bytes(model)))
     return model

@@ -1,24 +1,18 @@
-// Helpers shared by the CPU kernels: dtype loads, AVX2 detection (input checks: qk_4bit_checks.h).
+// Helpers shared by the CPU kernels: dtype loads, the AVX2 switch (input checks: qk_4bit_checks.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <string>
 
+#include "cpu_isa.h"
 #include "qk_4bit_checks.h"
 #include "qk_format.h"
 
 namespace qlora_kernels::cpu {
 
-inline bool has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
+// Whether the AVX2 paths run: the CPU has AVX2/FMA/F16C and no lower path is forced.
+inline bool has_avx2() { return cpu_isa() >= kIsaAvx2; }
 
 using qk_checks::check_blocksize;  // the 4-bit checks are shared with the CUDA bindings
 using qk_checks::check_float_input;

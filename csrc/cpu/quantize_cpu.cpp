@@ -19,6 +19,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QK_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
 #endif
 
 namespace qlora_kernels::cpu {
@@ -158,19 +159,23 @@ QK_AVX2 inline __m256i bf16_rne(__m256 v) {
   return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
 }
 
+// The 16 table entries code[k] * absmax rounded to a 16-bit output dtype, in index order:
+// the same rounding as build_lut_planes (so every path gives the same bits).
+template <typename OutT>
+QK_AVX2 inline __m256i lut16(__m256 c0, __m256 c1, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  const __m256 v0 = _mm256_mul_ps(c0, vm), v1 = _mm256_mul_ps(c1, vm);
+  if constexpr (std::is_same_v<OutT, c10::Half>)
+    return _mm256_set_m128i(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT),
+                            _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_rne(v0), bf16_rne(v1)), 0xD8);
+}
+
 // Per-block table of the 16 outputs code[k] * absmax, rounded to the output dtype and split
 // into byte planes (byte b of every entry) broadcast to both 128-bit lanes for pshufb.
 template <typename OutT>
 QK_AVX2 inline void build_lut_planes(__m256 c0, __m256 c1, float m, __m256i* planes) {
-  const __m256 vm = _mm256_set1_ps(m);
-  const __m256 v0 = _mm256_mul_ps(c0, vm), v1 = _mm256_mul_ps(c1, vm);
-  __m256i h;  // 16 uint16 in index order
-  if constexpr (std::is_same_v<OutT, c10::Half>) {
-    h = _mm256_set_m128i(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT),
-                         _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
-  } else {
-    h = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_rne(v0), bf16_rne(v1)), 0xD8);
-  }
+  const __m256i h = lut16<OutT>(c0, c1, m);  // 16 uint16 in index order
   // per lane: [lo bytes of 8 entries, hi bytes of 8 entries]; then gather the two lanes
   const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                          0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -233,22 +238,50 @@ QK_AVX2 void dequant_block_avx2_32(const uint8_t* p, int64_t len, __m256 c0, __m
   }
 }
 
-template <typename OutT, typename Bits>
-QK_AVX2 void dequantize_4bit_avx2(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
-                                  const float* nested_absmax, const float* nested_code, float offset,
-                                  const float* code, int64_t n, int64_t bs, Bits* out) {
-  const int64_t nblocks = (n + bs - 1) / bs;
-  const __m256 c0 = _mm256_loadu_ps(code), c1 = _mm256_loadu_ps(code + 8);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * bs;
-    const int64_t len = std::min(bs, n - start);
-    // Fused double-quant decode: the block's absmax is rebuilt here, never stored.
-    const float m = block_absmax(absmax, qabsmax, nested_absmax, nested_code, offset, b);
-    if constexpr (sizeof(Bits) == 2)
-      dequant_block_avx2_16<OutT>(packed + start / 2, len, c0, c1, m, out + start);
-    else
-      dequant_block_avx2_32(packed + start / 2, len, c0, c1, m, out + start);
+// ------------------------------------------------------------------ AVX-512 paths
+// 32 codes of 16 packed bytes in element order, one per 16-bit lane: bytes widened to
+// words hold (hi, lo) nibble pairs, which as bytes are already in element order.
+QK_AVX512 inline __m512i unpack32_words(const uint8_t* p) {
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i pairs = _mm256_or_si256(_mm256_srli_epi16(w, 4),
+                                        _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x0F)), 8));
+  return _mm512_cvtepu8_epi16(pairs);
+}
+
+// 16-bit outputs of one block: one vpermw table lookup per 32 elements.
+template <typename OutT>
+QK_AVX512 void dequant_block_avx512_16(const uint8_t* p, int64_t len, __m256 c0, __m256 c1,
+                                       float m, uint16_t* out) {
+  const __m256i h = lut16<OutT>(c0, c1, m);
+  const __m512i lut = _mm512_castsi256_si512(h);  // indices are < 16: the upper half is unused
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32)
+    _mm512_storeu_si512(out + j, _mm512_permutexvar_epi16(unpack32_words(p + j / 2), lut));
+  if (j < len) {
+    alignas(32) uint16_t t[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), h);
+    dequant_block_scalar(p, j, len, t, out);
+  }
+}
+
+// float32 outputs of one block: two vpermps lookups per 32 elements.
+QK_AVX512 void dequant_block_avx512_32(const uint8_t* p, int64_t len, __m256 c0, __m256 c1,
+                                       float m, float* out) {
+  const __m256 vm = _mm256_set1_ps(m);
+  const __m512 lut = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_mul_ps(c0, vm)),
+                                        _mm256_mul_ps(c1, vm), 1);
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m512i idx = unpack32_words(p + j / 2);
+    _mm512_storeu_ps(out + j, _mm512_permutexvar_ps(
+                                  _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx)), lut));
+    _mm512_storeu_ps(out + j + 16, _mm512_permutexvar_ps(
+                                       _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1)), lut));
+  }
+  if (j < len) {
+    alignas(64) float t[16];
+    _mm512_store_ps(t, lut);
+    dequant_block_scalar(p, j, len, t, out);
   }
 }
 #endif  // __x86_64__
@@ -286,28 +319,94 @@ template <> struct Lut<c10::Half> {
   static uint16_t make(float v) { return c10::Half(v).x; }
 };
 
+// A 4-bit weight as the dequantize kernels read it; absmax is float32 (absmax) or
+// double-quantized (qabsmax with its nested scales), decoded per block on the fly.
+struct Packed4 {
+  const uint8_t* packed;
+  const float* absmax;
+  const uint8_t* qabsmax;
+  const float* nested_absmax;
+  const float* nested_code;
+  float offset;
+  const float* code;
+  int64_t n, bs;
+};
+
+// Block b of `w` (bs elements, the last one possibly partial): its bytes, length, absmax.
+struct BlockView {
+  const uint8_t* p;
+  int64_t len;
+  float m;
+};
+inline BlockView block_view(const Packed4& w, int64_t b) {
+  const int64_t start = b * w.bs;
+  // Fused double-quant decode: the block's absmax is rebuilt here, never stored.
+  return {w.packed + start / 2, std::min(w.bs, w.n - start),
+          block_absmax(w.absmax, w.qabsmax, w.nested_absmax, w.nested_code, w.offset, b)};
+}
+
+#if defined(__x86_64__)
+template <typename OutT, typename Bits>
+QK_AVX512 void dequant_blocks_avx512(const Packed4& w, int64_t b0, int64_t b1, Bits* out) {
+  const __m256 c0 = _mm256_loadu_ps(w.code), c1 = _mm256_loadu_ps(w.code + 8);
+  for (int64_t b = b0; b < b1; ++b, out += w.bs) {
+    const BlockView v = block_view(w, b);
+    if constexpr (sizeof(Bits) == 2) dequant_block_avx512_16<OutT>(v.p, v.len, c0, c1, v.m, out);
+    else dequant_block_avx512_32(v.p, v.len, c0, c1, v.m, out);
+  }
+}
+
+template <typename OutT, typename Bits>
+QK_AVX2 void dequant_blocks_avx2(const Packed4& w, int64_t b0, int64_t b1, Bits* out) {
+  const __m256 c0 = _mm256_loadu_ps(w.code), c1 = _mm256_loadu_ps(w.code + 8);
+  for (int64_t b = b0; b < b1; ++b, out += w.bs) {
+    const BlockView v = block_view(w, b);
+    if constexpr (sizeof(Bits) == 2) dequant_block_avx2_16<OutT>(v.p, v.len, c0, c1, v.m, out);
+    else dequant_block_avx2_32(v.p, v.len, c0, c1, v.m, out);
+  }
+}
+#endif
+
+// Dequantizes blocks [b0, b1) of `w` to out[(b - b0) * bs ...] on the path `isa`.
 template <typename OutT>
-void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
-                          const float* nested_absmax, const float* nested_code, float offset,
-                          const float* code, int64_t n, int64_t bs, OutT* out_t) {
+void dequant_blocks(const Packed4& w, int64_t b0, int64_t b1, int64_t isa,
+                    typename Lut<OutT>::bits* out) {
+  using Bits = typename Lut<OutT>::bits;
+#if defined(__x86_64__)
+  if (isa >= kIsaAvx512) return dequant_blocks_avx512<OutT, Bits>(w, b0, b1, out);
+  if (isa >= kIsaAvx2) return dequant_blocks_avx2<OutT, Bits>(w, b0, b1, out);
+#endif
+  for (int64_t b = b0; b < b1; ++b, out += w.bs) {
+    const BlockView v = block_view(w, b);
+    Bits lut[16];
+    for (int k = 0; k < 16; ++k) lut[k] = Lut<OutT>::make(w.code[k] * v.m);
+    dequant_block_scalar(v.p, 0, v.len, lut, out);
+  }
+}
+
+template <typename OutT>
+void dequantize_4bit_impl(const Packed4& w, OutT* out_t) {
   using Bits = typename Lut<OutT>::bits;
   Bits* out = reinterpret_cast<Bits*>(out_t);
-#if defined(__x86_64__)
-  if (has_avx2()) {
-    dequantize_4bit_avx2<OutT, Bits>(packed, absmax, qabsmax, nested_absmax, nested_code, offset,
-                                     code, n, bs, out);
-    return;
-  }
-#endif
-  const int64_t nblocks = (n + bs - 1) / bs;
+  const int64_t nblocks = (w.n + w.bs - 1) / w.bs, isa = cpu_isa();
+  const int64_t chunk = 16;  // blocks per call: amortizes the per-call dispatch
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * bs;
-    const int64_t len = std::min(bs, n - start);
-    const float m = block_absmax(absmax, qabsmax, nested_absmax, nested_code, offset, b);
-    Bits lut[16];
-    for (int k = 0; k < 16; ++k) lut[k] = Lut<OutT>::make(code[k] * m);
-    dequant_block_scalar(packed + start / 2, 0, len, lut, out + start);
+  for (int64_t c = 0; c < (nblocks + chunk - 1) / chunk; ++c)
+    dequant_blocks<OutT>(w, c * chunk, std::min(nblocks, (c + 1) * chunk), isa, out + c * chunk * w.bs);
+}
+
+// Columns [col0, col0 + cols) of every row of the (rows, row_len) weight into out
+// (rows, cols); whole blocks only: row_len and col0 are multiples of bs (checked by caller).
+template <typename OutT>
+void dequantize_4bit_cols_impl(const Packed4& w, int64_t rows, int64_t row_len, int64_t col0,
+                               int64_t cols, OutT* out_t) {
+  using Bits = typename Lut<OutT>::bits;
+  Bits* out = reinterpret_cast<Bits*>(out_t);
+  const int64_t isa = cpu_isa();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b0 = (r * row_len + col0) / w.bs;
+    dequant_blocks<OutT>(w, b0, b0 + (cols + w.bs - 1) / w.bs, isa, out + r * cols);
   }
 }
 
@@ -340,6 +439,24 @@ void check_dequant_args(const at::Tensor& packed, const at::Tensor& absmax, cons
               "dequantize_4bit: output dtype must be float32, float16 or bfloat16, got ", dtype);
 }
 
+// Calls f(Packed4) with the contiguous tensors' pointers (kept alive for the call).
+template <typename F>
+void with_packed4(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                  int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                  const std::optional<at::Tensor>& nested_code, double offset, F&& f) {
+  const at::Tensor p = packed.contiguous(), am = absmax.contiguous(), c = code.contiguous();
+  const bool nested = nested_absmax.has_value();
+  at::Tensor na = nested ? nested_absmax->contiguous() : at::Tensor();
+  at::Tensor nc = nested ? nested_code->contiguous() : at::Tensor();
+  const Packed4 w{p.data_ptr<uint8_t>(),
+                  nested ? nullptr : am.data_ptr<float>(),
+                  nested ? am.data_ptr<uint8_t>() : nullptr,
+                  nested ? na.data_ptr<float>() : nullptr,
+                  nested ? nc.data_ptr<float>() : nullptr,
+                  static_cast<float>(offset), c.data_ptr<float>(), p.numel() * 2, blocksize};
+  f(w);
+}
+
 void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                              const at::Tensor& code, int64_t blocksize,
                              const std::optional<at::Tensor>& nested_absmax,
@@ -349,19 +466,36 @@ void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
   check_dequant_args(packed, absmax, code, blocksize, numel, out.scalar_type(), nested_absmax,
                      nested_code);
   TORCH_CHECK(out.is_contiguous(), "dequantize_4bit: out must be contiguous");
-  const at::Tensor p = packed.contiguous(), am = absmax.contiguous(), c = code.contiguous();
-  const bool nested = nested_absmax.has_value();
-  at::Tensor na = nested ? nested_absmax->contiguous() : at::Tensor();
-  at::Tensor nc = nested ? nested_code->contiguous() : at::Tensor();
-  const float* absmax_f = nested ? nullptr : am.data_ptr<float>();
-  const uint8_t* absmax_q = nested ? am.data_ptr<uint8_t>() : nullptr;
-  const float* na_p = nested ? na.data_ptr<float>() : nullptr;
-  const float* nc_p = nested ? nc.data_ptr<float>() : nullptr;
-  dispatch_float(out.scalar_type(), "dequantize_4bit", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    dequantize_4bit_impl<scalar_t>(p.data_ptr<uint8_t>(), absmax_f, absmax_q, na_p, nc_p,
-                                   static_cast<float>(offset), c.data_ptr<float>(), numel,
-                                   blocksize, out.data_ptr<scalar_t>());
+  with_packed4(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, [&](Packed4 w) {
+    w.n = numel;
+    dispatch_float(out.scalar_type(), "dequantize_4bit", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      dequantize_4bit_impl<scalar_t>(w, out.data_ptr<scalar_t>());
+    });
+  });
+}
+
+void dequantize_4bit_cols_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                                  const at::Tensor& code, int64_t blocksize,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& nested_code, double offset,
+                                  int64_t row_len, int64_t col0, at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(),
+              "dequantize_4bit_cols_out: out must be a contiguous (rows, cols) tensor");
+  const int64_t rows = out.size(0), cols = out.size(1);
+  check_dequant_args(packed, absmax, code, blocksize, rows * row_len, out.scalar_type(),
+                     nested_absmax, nested_code);
+  TORCH_CHECK(row_len % blocksize == 0 && col0 % blocksize == 0 && cols % blocksize == 0,
+              "dequantize_4bit_cols_out: row_len (", row_len, "), col0 (", col0, ") and cols (",
+              cols, ") must be multiples of blocksize ", blocksize);
+  TORCH_CHECK(col0 >= 0 && col0 + cols <= row_len, "dequantize_4bit_cols_out: columns [", col0,
+              ", ", col0 + cols, ") are not inside a row of ", row_len);
+  with_packed4(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, [&](Packed4 w) {
+    w.n = rows * row_len;
+    dispatch_float(out.scalar_type(), "dequantize_4bit_cols_out", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      dequantize_4bit_cols_impl<scalar_t>(w, rows, row_len, col0, cols, out.data_ptr<scalar_t>());
+    });
   });
 }
 
@@ -434,6 +568,7 @@ TORCH_LIBRARY_IMPL(qlora_kernels, CPU, m) {
   m.impl("quantize_4bit", &quantize_4bit_cpu);
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);
   m.impl("dequantize_4bit_out", &dequantize_4bit_out_cpu);
+  m.impl("dequantize_4bit_cols_out", &dequantize_4bit_cols_out_cpu);
   m.impl("quantize_8bit", &quantize_8bit_cpu);
   m.impl("dequantize_8bit", &dequantize_8bit_cpu);
 }

@@ -130,9 +130,9 @@ def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------- planning
 def resolve_compute_dtype(compute_dtype, config, device) -> torch.dtype:
-    """``"auto"``: the checkpoint's own float dtype (config ``dtype``/``torch_dtype``) when
-    it is bf16 or fp16 (fp16 on a CUDA device without bf16), else bfloat16. A dtype or its
-    name is taken as given.
+    """``"auto"``: what it means everywhere (``qlora_kernels.compute_dtype``: bf16 on CUDA and
+    on CPUs with native bf16, else float32), fp16 on a CUDA device without bf16. A dtype or
+    its name is taken as given.
 
     Example:
         >>> resolve_compute_dtype("float32", None, "cpu")
@@ -145,10 +145,9 @@ def resolve_compute_dtype(compute_dtype, config, device) -> torch.dtype:
             raise ValueError(f"compute_dtype must be 'auto', a torch dtype or one of "
                              f"{sorted(_DTYPE_NAMES)}, got {compute_dtype!r}")
         return _DTYPE_NAMES[compute_dtype]
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = _DTYPE_NAMES.get(stored)
-    dt = stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+    from ..compute_dtype import resolve_compute_dtype as resolve_auto
+
+    dt = resolve_auto("auto", device)
     dev = torch.device(device)
     if dt == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         dt = torch.float16

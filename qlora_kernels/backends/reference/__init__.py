@@ -152,12 +152,40 @@ def matmul_4bit_backward(grad_y, packed, absmax, code, blocksize: int, in_featur
     return (grad_y.float() @ w).to(grad_y.dtype)
 
 
+def dequantize_4bit_cols_out(packed, absmax, code, blocksize: int, nested_absmax, nested_code,
+                             offset: float, row_len: int, col0: int, out) -> None:
+    """Columns [col0, col0 + out.shape[1]) of the (out.shape[0], row_len) weight into out."""
+    rows, cols = out.shape
+    w = dequantize_4bit(packed, absmax, code, blocksize, rows * row_len, out.dtype,
+                        nested_absmax, nested_code, offset)
+    out.copy_(w.view(rows, row_len)[:, col0:col0 + cols])
+
+
+# Without the extension there is no SIMD path: the scalar (reference) one only.
+def cpu_features() -> int:
+    return 0
+
+
+def cpu_isa() -> int:
+    return 0
+
+
+def set_cpu_isa(isa: int) -> int:
+    if isa > 0:
+        raise RuntimeError("set_cpu_isa: the compiled extension is not loaded (scalar path only)")
+    return 0
+
+
 from . import adamw  # noqa: E402  (it uses the 8-bit functions above)
 
-_QUANT_OPS = ("quantize_4bit", "dequantize_4bit", "dequantize_4bit_out", "quantize_8bit",
-              "dequantize_8bit", "gemv_4bit")
+_QUANT_OPS = ("quantize_4bit", "dequantize_4bit", "dequantize_4bit_out",
+              "dequantize_4bit_cols_out", "quantize_8bit", "dequantize_8bit", "gemv_4bit")
 _OPTIM_OPS = ("adamw_step_", "adamw_step_multi_", "adamw8bit_step_")
 MANAGED_OPS = ("managed_supported", "managed_empty", "managed_prefetch_", "is_managed")
+CPU_DISPATCH_OPS = ("cpu_features", "set_cpu_isa", "cpu_isa")
+# Ops that take no tensor of a device (C++ registers them for every dispatch key): no CUDA
+# stand-ins, no backend override.
+DEVICELESS_OPS = MANAGED_OPS + CPU_DISPATCH_OPS
 
 
 def fallback_impls() -> dict:
@@ -168,7 +196,7 @@ def fallback_impls() -> dict:
         >>> sorted(fallback_impls())[:2]
         ['adamw8bit_step_', 'adamw_step_']
     """
-    out = {name: globals()[name] for name in _QUANT_OPS}
+    out = {name: globals()[name] for name in _QUANT_OPS + CPU_DISPATCH_OPS}
     out.update({name: getattr(adamw, name) for name in _OPTIM_OPS + MANAGED_OPS})
     return out
 
@@ -181,6 +209,6 @@ def override_impls() -> dict:
         >>> "matmul_4bit_backward" in override_impls()
         True
     """
-    out = {name: f for name, f in fallback_impls().items() if name not in MANAGED_OPS}
+    out = {name: f for name, f in fallback_impls().items() if name not in DEVICELESS_OPS}
     out.update(matmul_4bit=matmul_4bit, matmul_4bit_backward=matmul_4bit_backward)
     return out

@@ -1,0 +1,109 @@
+"""The fused QLoRA layer: one autograd Function for
+``y = x·Ŵᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`` with Ŵ a 4-bit weight.
+
+Against the module-by-module composition (base layer, dropout, two ``nn.Linear``, a scale,
+an add) it saves for the backward only x itself (no copy when x is already in the compute
+dtype), ``x·Aᵀ`` (r columns, computed once), one boolean mask when dropout is on (never a
+dropped copy of x), and the packed weight; the base product and the low-rank update are
+summed in place in the output, and the input gradient of both is accumulated in place in
+one tensor. A and B's gradients come out in their (compute) dtype from GEMMs that
+accumulate in float32. The base product dequantizes W a tile at a time (matmul.py), so no
+dequantized W outlives one GEMM.
+
+Example:
+    >>> import torch, qlora_kernels as qk
+    >>> from qlora_kernels.lora_fused import qlora_linear
+    >>> packed, state = qk.quantize_4bit(torch.randn(16, 32))
+    >>> x, a, b = torch.randn(3, 32), torch.randn(4, 32), torch.randn(16, 4)
+    >>> y = qlora_linear(x, packed, state, a, b, scaling=2.0)
+    >>> w = qk.dequantize_4bit(packed, state)
+    >>> torch.allclose(y, x @ w.T + 2.0 * (x @ a.T) @ b.T, atol=1e-4)
+    True
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .matmul import _matmul_4bit_backward_impl, _matmul_4bit_impl
+from .quant_state import QuantState
+
+
+class _QLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, packed, absmax, code, nested_absmax, nested_code,
+                blocksize, offset, scaling, dropout):
+        k = x.shape[-1]
+        n = lora_b.shape[0]
+        x2 = x.reshape(-1, k)
+        y = _matmul_4bit_impl(x2, packed, absmax, code, blocksize, n, nested_absmax, nested_code,
+                              offset, bias)
+        mask = None
+        if dropout > 0:
+            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout)
+            xa = (x2 * mask).mul_(1.0 / (1.0 - dropout)) @ lora_a.T
+        else:
+            xa = x2 @ lora_a.T
+        y.addmm_(xa, lora_b.T, alpha=scaling)
+        ctx.save_for_backward(x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
+                              nested_code)
+        ctx.blocksize, ctx.offset, ctx.scaling, ctx.dropout = blocksize, offset, scaling, dropout
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
+         nested_code) = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout
+        g2 = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        gb = g2 @ lora_b  # (m, r): the gradient reaching x·Aᵀ, unscaled
+        grad_x = grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _matmul_4bit_backward_impl(g2, packed, absmax, code, ctx.blocksize,
+                                                x2.shape[1], nested_absmax, nested_code,
+                                                ctx.offset)
+            if mask is None:
+                grad_x.addmm_(gb, lora_a, alpha=s)
+            else:
+                grad_x.add_((gb @ lora_a).mul_(mask), alpha=s / (1.0 - p))
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            xd = x2 if mask is None else (x2 * mask).mul_(1.0 / (1.0 - p))
+            grad_a = torch.mm(gb.T, xd).mul_(s)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.mm(g2.T, xa).mul_(s)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = g2.sum(0)
+        return (grad_x, grad_a, grad_b, grad_bias) + (None,) * 9
+
+
+def qlora_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scaling: float, bias: Optional[torch.Tensor] = None,
+                 dropout: float = 0.0) -> torch.Tensor:
+    """``x·Ŵᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ`` in x's dtype, with Ŵ = ``(packed, state)``
+    of shape (N, K), ``lora_a`` (r, K) and ``lora_b`` (N, r) in x's dtype; differentiable
+    w.r.t. x, A, B and bias. ``dropout`` is the probability of zeroing an element of the
+    adapter's input (0: none).
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> packed, state = qk.quantize_4bit(torch.randn(8, 64))
+        >>> a = torch.randn(2, 64, requires_grad=True); b = torch.zeros(8, 2, requires_grad=True)
+        >>> qlora_linear(torch.randn(5, 64), packed, state, a, b, 1.0).sum().backward()
+        >>> b.grad.shape, bool(a.grad.eq(0).all())
+        (torch.Size([8, 2]), True)
+    """
+    n, k = state.shape
+    if x.shape[-1] != k or lora_a.shape[1] != k or lora_b.shape != (n, lora_a.shape[0]):
+        raise ValueError(f"qlora_linear: shapes do not chain: x {tuple(x.shape)}, W {n}x{k}, "
+                         f"A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}")
+    if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
+        raise TypeError(f"qlora_linear: A and B must have x's dtype {x.dtype}, got "
+                        f"{lora_a.dtype} and {lora_b.dtype}")
+    s2 = state.state2
+    return _QLoRAFunction.apply(x, lora_a, lora_b, bias, packed, state.absmax, state.code,
+                                None if s2 is None else s2.absmax,
+                                None if s2 is None else s2.code, state.blocksize,
+                                float(state.offset or 0.0), float(scaling), float(dropout))

@@ -1,0 +1,119 @@
+"""Run-time CPU dispatch: every path this CPU has (forced with set_cpu_isa) gives the
+reference's bits for dequantize (and the column tiles of the backward) and quantize; the
+override refuses unknown paths and paths the CPU lacks; the env variable works at import."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import _extension, cpu_dispatch
+from qlora_kernels.backends import torch as reference
+
+needs_ext = pytest.mark.skipif(not _extension.EXTENSION_LOADED, reason="compiled extension not built")
+BEST = cpu_dispatch.cpu_isa()
+PATHS = cpu_dispatch.ISA_NAMES[: cpu_dispatch.ISA_NAMES.index(BEST) + 1]
+
+
+@pytest.fixture(params=PATHS)
+def isa(request):
+    cpu_dispatch.set_cpu_isa(request.param)
+    yield request.param
+    cpu_dispatch.set_cpu_isa(None)
+
+
+def _quantized(n, rng, quant_type, double_quant, blocksize=64):
+    w = torch.randn(n, generator=rng) * 3
+    w[n // 2] = 0.0  # a zero inside a block
+    packed, state = qk.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                     double_quant=double_quant)
+    s2 = state.state2
+    return (packed, state.absmax, state.code, blocksize, None if s2 is None else s2.absmax,
+            None if s2 is None else s2.code, float(state.offset or 0.0))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 63, 65, 333 * 77, 64 * 300])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False), ("int4", True)])
+def test_dequantize_every_path_gives_reference_bits(isa, dtype, n, quant_type, double_quant, rng):
+    packed, absmax, code, bs, na, nc, off = _quantized(n, rng, quant_type, double_quant)
+    got = torch.ops.qlora_kernels.dequantize_4bit(packed, absmax, code, bs, n, dtype, na, nc, off)
+    want = reference.dequantize_4bit(packed, absmax, code, bs, n, dtype, na, nc, off)
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,row_len,col0,cols", [(77, 256, 64, 128), (5, 128, 0, 128),
+                                                    (300, 64 * 9, 64 * 8, 64)])
+def test_dequantize_column_tiles(isa, dtype, rows, row_len, col0, cols, rng):
+    packed, absmax, code, bs, na, nc, off = _quantized(rows * row_len, rng, "nf4", True)
+    out = torch.empty(rows, cols, dtype=dtype)
+    torch.ops.qlora_kernels.dequantize_4bit_cols_out(packed, absmax, code, bs, na, nc, off,
+                                                     row_len, col0, out)
+    full = reference.dequantize_4bit(packed, absmax, code, bs, rows * row_len, dtype, na, nc, off)
+    assert torch.equal(out, full.view(rows, row_len)[:, col0:col0 + cols])
+
+
+@needs_ext
+def test_dequantize_column_tiles_checks(rng):
+    packed, absmax, code, bs, na, nc, off = _quantized(4 * 256, rng, "nf4", False)
+    with pytest.raises(RuntimeError, match="multiples of blocksize"):
+        torch.ops.qlora_kernels.dequantize_4bit_cols_out(packed, absmax, code, bs, na, nc, off,
+                                                         256, 32, torch.empty(4, 64))
+    with pytest.raises(RuntimeError, match="not inside a row"):
+        torch.ops.qlora_kernels.dequantize_4bit_cols_out(packed, absmax, code, bs, na, nc, off,
+                                                         256, 192, torch.empty(4, 128))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_every_path_gives_the_same_bits(isa, dtype, rng):
+    x = (torch.randn(333 * 77, generator=rng) * 2).to(dtype)
+    got = torch.ops.qlora_kernels.quantize_4bit(x, 64, "nf4")
+    want = reference.quantize_4bit(x, 64, "nf4")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_ext
+def test_gemv_every_path_close_to_reference(isa, rng):
+    n, k = 96, 320
+    w = torch.randn(n, k, generator=rng)
+    packed, state = qk.quantize_4bit(w)
+    x = torch.randn(3, k, generator=rng).to(torch.bfloat16)
+    s2 = state.state2
+    args = (packed, state.absmax, state.code, 64, n, s2.absmax, s2.code, float(state.offset))
+    got = torch.ops.qlora_kernels.gemv_4bit(x, *args).float()
+    want = x.float() @ qk.dequantize_4bit(packed, state, out_dtype=torch.float32).T
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_override_refuses_unknown_and_missing_paths():
+    with pytest.raises(ValueError, match="unknown CPU path"):
+        cpu_dispatch.set_cpu_isa("avx1024")
+    for isa in cpu_dispatch.ISA_NAMES[len(PATHS):]:  # paths this CPU lacks, if any
+        with pytest.raises(ValueError, match="lacks"):
+            cpu_dispatch.set_cpu_isa(isa)
+    assert cpu_dispatch.cpu_isa() == BEST
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", PATHS)
+def test_env_override_and_info(isa):
+    env = dict(os.environ, QLORA_KERNELS_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-m", "qlora_kernels", "info"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"cpu path in force: {isa}" in out.stdout
+    assert "GEMV up to this many rows" in out.stdout
+
+
+def test_auto_compute_dtype_follows_native_bf16():
+    want = torch.bfloat16 if "avx512_bf16" in cpu_dispatch.cpu_features() and BEST == "avx512_bf16" \
+        else torch.float32
+    assert cpu_dispatch.auto_compute_dtype("cpu") == want
+    assert cpu_dispatch.auto_compute_dtype("cuda") == torch.bfloat16
