@@ -64,7 +64,7 @@ def build(kind: str, cfg: dict, device: str, r: int):
     if kind == "qlora":
         model.to(device)
         qk.prepare_model(model, r=r, lora_alpha=16,
-                         compute_dtype=qk.cpu_dispatch.auto_compute_dtype(device), verbose=False)
+                         compute_dtype=qk.compute_dtype.resolve_compute_dtype("auto", device), verbose=False)
         opt = qk.optim.PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     else:
         model.to(device=device, dtype=torch.bfloat16)
@@ -126,7 +126,7 @@ def _build_model(config: str):
 
     lm, tok, _ = load_model(dtype=torch.float32)
     if config.startswith("ours"):
-        dtype = qk.cpu_dispatch.auto_compute_dtype("cpu")
+        dtype = qk.compute_dtype.resolve_compute_dtype("auto", "cpu")
         if config == "ours_float32_gemm":
             dtype = torch.bfloat16
             qk.cpu_dispatch.set_cpu_isa("avx512")

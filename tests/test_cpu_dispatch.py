@@ -115,5 +115,6 @@ def test_env_override_and_info(isa):
 def test_auto_compute_dtype_follows_native_bf16():
     want = torch.bfloat16 if "avx512_bf16" in cpu_dispatch.cpu_features() and BEST == "avx512_bf16" \
         else torch.float32
-    assert cpu_dispatch.auto_compute_dtype("cpu") == want
-    assert cpu_dispatch.auto_compute_dtype("cuda") == torch.bfloat16
+    from qlora_kernels.compute_dtype import resolve_compute_dtype
+    assert resolve_compute_dtype("auto", "cpu") == want
+    assert resolve_compute_dtype("auto", "cuda") == torch.bfloat16
