@@ -9,14 +9,15 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
 
 from . import ops  # noqa: F401  (registers fakes and fallbacks)
 from .backends import get_backend
-from .formats import (NESTED_BLOCKSIZE, check_blocksize, check_quant_type, get_4bit_code,
-                      get_dq_code)
+from .formats import (NESTED_BLOCKSIZE, check_blocksize, check_out_dtype, check_quant_type,
+                      get_4bit_code, get_dq_code)
 from .quant_state import QuantState
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,6 +71,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: Optional[t
         >>> (qk.dequantize_blockwise(*qk.quantize_blockwise(x)) - x).abs().max() < 0.05
         tensor(True)
     """
+    check_out_dtype(dtype, "dequantize_blockwise")
     code = get_dq_code("dynamic" if code is None else code).to(q.device)
     return get_backend(q.device, backend).dequantize_8bit(q.reshape(-1), absmax, code,
                                                           int(blocksize), dtype)
@@ -87,7 +89,9 @@ def double_quantize_absmax(absmax: torch.Tensor, dq_code: Union[str, torch.Tenso
         >>> q.dtype, s2.absmax.shape
         (torch.uint8, torch.Size([4]))
     """
-    offset = float(absmax.float().mean())
+    offset = float(absmax.float().mean()) if absmax.numel() else 0.0  # (an empty weight)
+    if not math.isfinite(offset):  # finite scales near 3e38 overflow a float32 sum
+        offset = float(absmax.double().mean())
     code = get_dq_code(dq_code).to(absmax.device)
     q, scale2 = quantize_blockwise(absmax.float() - offset, code, NESTED_BLOCKSIZE, backend)
     state2 = QuantState(absmax=scale2, shape=None, dtype=torch.float32,
@@ -168,6 +172,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: Optional
         raise ValueError(f"dequantize_4bit: packed is on {packed.device} but its state on "
                          f"{state.absmax.device}; move both with .to(device)")
     dtype = out_dtype or state.dtype
+    check_out_dtype(out.dtype if out is not None else dtype, "dequantize_4bit")
     be = get_backend(packed.device, backend)
     nested = state.state2
     if out is not None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..functional import dequantize_4bit, quantize_4bit
+from ..matmul import COMPUTE_DTYPES
 from ..quant_state import QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -29,6 +30,13 @@ _FROZEN = ("weight",) + _STATE_BUFFERS
 # dtypes the packed bytes may be viewed as (``quant_storage``): FSDP shards a parameter
 # group in one dtype, so the 4-bit weight can take the dtype of the parameters beside it.
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_compute_dtype(dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be None (x's dtype) or one of {COMPUTE_DTYPES}, "
+                         f"got {dtype}")
+    return dtype
 
 
 def _check_storage(dtype: torch.dtype) -> torch.dtype:
@@ -88,7 +96,8 @@ class Linear4bit(nn.Module):
     """``y = x @ W^T + b`` with W stored 4-bit (NF4/FP4/INT4, optional double quantization).
 
     Gradients flow to ``x`` (and ``bias``), never to the frozen weight. ``x`` is cast to
-    ``compute_dtype`` (default: x's own dtype) and the result back to x's dtype.
+    ``compute_dtype`` (default: x's own dtype) and the result back to x's dtype; the compute
+    dtype must be float32, float16 or bfloat16 (float64 x needs a ``compute_dtype``).
 
     Example:
         >>> import torch, qlora_kernels as qk
@@ -106,7 +115,7 @@ class Linear4bit(nn.Module):
                  dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = _check_compute_dtype(compute_dtype)
         self.quant_storage = _check_storage(quant_storage)
         # Initialise like nn.Linear, then quantize.
         w = torch.empty(out_features, in_features, device=device, dtype=dtype)
@@ -138,7 +147,7 @@ class Linear4bit(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = _check_compute_dtype(compute_dtype)
         self.quant_storage = _check_storage(quant_storage)
         w = linear.weight.detach()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
@@ -224,11 +233,15 @@ class Linear4bit(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"Linear4bit: input must be floating point, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0:
+            raise ValueError(f"Linear4bit: input has shape (), expected (..., "
+                             f"in_features={self.in_features})")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear4bit: input has last dimension {x.shape[-1]}, expected "
                              f"in_features={self.in_features}")
-        if not x.is_floating_point():
-            raise TypeError(f"Linear4bit: input must be floating point, got {x.dtype}")
         cdt = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(cdt)
         y = torch.ops.qlora_kernels.matmul_4bit(
