@@ -172,9 +172,6 @@ class AdamW(torch.optim.Optimizer):
                     names[dev] = self._backend_name(p.device)
                     multi[dev] = names[dev] == dev and _multi_op(dev)
                 if multi[dev] and "exp_avg" in state:
-                    # the kernel checks its whole batch before writing; across batches:
-                    reference.check_adamw_args(p, grad, state["exp_avg"], state["exp_avg_sq"],
-                                               *hyper[:4], 1)
                     batches.setdefault(p.device, []).append((p, grad, state))
                 else:
                     others.append((p, grad, state))
@@ -183,15 +180,28 @@ class AdamW(torch.optim.Optimizer):
             for (p, grad, state), step in zip(others, steps):
                 self._check_update(p, grad, state, hyper, step)
             plans.append((batches, others, steps, hyper, bool(group["maximize"])))
+        calls = sum(len(b) + bool(o) for b, o, *_ in plans)
+        if calls > 1 or self.paged:
+            # A multi-tensor call checks its whole batch before writing; with more than one
+            # call, a later batch must not fail after an earlier one wrote (~2 us a param).
+            for batches, _, _, hyper, _ in plans:
+                for p, grad, state in itertools.chain.from_iterable(batches.values()):
+                    reference.check_adamw_args(p, grad, state["exp_avg"], state["exp_avg_sq"],
+                                               *hyper[:4], 1)
         for p, state in fresh.items():
             self.state[p].update(state)
-        for batches, others, steps, hyper, maximize in plans:
-            for device, batch in batches.items():
-                self._update_many(device, batch, hyper, maximize)
-            if others:
-                torch._foreach_add_([st["step"] for _, _, st in others], 1)  # one call
-                for (p, grad, state), step in zip(others, steps):
-                    self._update(p, grad, state, hyper, step, maximize)
+        try:
+            for batches, others, steps, hyper, maximize in plans:
+                for device, batch in batches.items():
+                    self._update_many(device, batch, hyper, maximize)
+                if others:
+                    torch._foreach_add_([st["step"] for _, _, st in others], 1)  # one call
+                    for (p, grad, state), step in zip(others, steps):
+                        self._update(p, grad, state, hyper, step, maximize)
+        except Exception:
+            for p in fresh:  # a lone multi-tensor call refused its batch: no new states either
+                self.state.pop(p, None)
+            raise
         return loss
 
     def _check_update(self, p, grad, state, hyper, step: int) -> None:
