@@ -139,3 +139,20 @@ def test_out_of_range_state_values_are_rejected(rng, key, value, ok):
     else:
         with pytest.raises(ValueError, match=key if key != "step" else "step"):
             fresh.load_state_dict(sd)
+
+
+def test_failing_load_state_dict_changes_nothing(rng):
+    a = torch.nn.Parameter(torch.randn(N, generator=rng))
+    b = torch.nn.Parameter(torch.randn(N, generator=rng))
+    opt = qk.optim.AdamW8bit([a, b], lr=1e-2)
+    a.grad, b.grad = torch.randn(N, generator=rng), torch.randn(N, generator=rng)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][1]["exp_avg_q"] = sd["state"][1]["exp_avg_q"].to(torch.int64) + 300
+    sd["param_groups"][0]["lr"] = 0.5
+    saved = _state_copy(opt)
+    with pytest.raises(ValueError, match="exp_avg_q"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 1e-2
+    now = _state_copy(opt)
+    assert all(torch.equal(saved[pid][k], now[pid][k]) for pid in saved for k in saved[pid])

@@ -287,16 +287,20 @@ class AdamW(torch.optim.Optimizer):
             True
         """
         groups = state_dict["param_groups"]
-        # torch would cast every floating state to the param's dtype (wrong for float32
-        # state of bf16 params, and for uint8 codes): load the groups only, then the state.
-        super().load_state_dict({"state": {}, "param_groups": groups})
         saved_ids = itertools.chain.from_iterable(g["params"] for g in groups)
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
-        for key, saved in state_dict["state"].items():
-            if key in id_map:
-                p = id_map[key]
-                self.state[p] = self._restore_state(p, saved)
+        restored = {}
+        if [len(g["params"]) for g in groups] == [len(g["params"]) for g in self.param_groups]:
+            # every state checked and rebuilt before anything is replaced (a mismatch of the
+            # groups is torch's error, below)
+            restored = {id_map[key]: self._restore_state(id_map[key], saved)
+                        for key, saved in state_dict["state"].items() if key in id_map}
+        # torch would cast every floating state to the param's dtype (wrong for float32
+        # state of bf16 params, and for uint8 codes): load the groups only, then the state.
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        for p, state in restored.items():
+            self.state[p] = state
 
     def _restore_state(self, p: torch.Tensor, saved: dict) -> dict:
         is8 = "exp_avg_q" in saved
