@@ -22,15 +22,29 @@ def _demo(args) -> int:
     return demo_main(args)
 
 
+def _size_label(n: float) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
 def _memory(args) -> int:
     import qlora_kernels as qk
+    from qlora_kernels.memory import check_memory_args
 
+    try:
+        for n in args.params:
+            check_memory_args(n, args.r, args.world_size)
+    except ValueError as exc:
+        print(f"qlora-kernels memory: error: --{exc}", file=sys.stderr)
+        return 2
     print(f"{'params':>8} {'bf16 GB':>8} {'NF4 GB':>7} {'NF4+DQ GB':>9} {'LoRA params':>12} "
           f"{'LoRA+grad GB':>12} {'AdamW GB':>9} {'total GB':>9}")
     for n in args.params:
         e = qk.estimate_memory(n, r=args.r, world_size=args.world_size)
-        print(f"{n / 1e9:>7.0f}B {e.weights_bf16_gb:>8.1f} {e.weights_nf4_gb:>7.1f} "
-              f"{e.weights_nf4_dq_gb:>9.1f} {e.lora_params / 1e6:>11.0f}M "
+        print(f"{_size_label(n):>8} {e.weights_bf16_gb:>8.2f} {e.weights_nf4_gb:>7.2f} "
+              f"{e.weights_nf4_dq_gb:>9.2f} {_size_label(e.lora_params):>12} "
               f"{e.lora_weights_gb + e.lora_grads_gb:>12.2f} {e.optimizer_gb:>9.2f} "
               f"{e.total_gb:>9.1f}")
     return 0

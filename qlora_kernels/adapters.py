@@ -15,9 +15,13 @@ Example:
 """
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 import re
+import shutil
+import tempfile
 from collections import Counter
 from typing import Dict, Optional
 
@@ -25,12 +29,17 @@ import torch
 from torch import nn
 
 from .lora import QLoRALinear
-from .prepare import lora_layers, linear_names, match_module_name, prepare_model
-from .fileio import atomic_write
+from .prepare import (linear_names, lora_layers, match_module_name, prepare_model,
+                      resolve_target_modules)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# Safetensors metadata key holding the config fields the weights depend on, so that a
+# reader can tell a weights file and a config from different saves apart (PEFT ignores it).
+PAIRING_KEY = "qlora_kernels.adapter"
+_PAIRED_FIELDS = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
+                  "alpha_pattern")
 _TASK_SUFFIXES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                   ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
                   ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
@@ -114,14 +123,61 @@ def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = No
     }
 
 
+def _pairing(cfg: dict) -> str:
+    return json.dumps({k: cfg.get(k) for k in _PAIRED_FIELDS}, sort_keys=True)
+
+
+def _siblings(path: str, kind: str) -> list:
+    """Leftovers of saves to ``path``: ``.<name>.tmp-*`` (a new version being written) or
+    ``.<name>.old-*`` (the previous version, between the two renames of a switch)."""
+    parent, base = os.path.split(path)
+    return sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.{kind}-*")),
+                  key=os.path.getmtime)
+
+
+def recover_adapter_dir(path: str) -> None:
+    """Finish what an interrupted ``save_adapter`` left: if ``path`` is missing while the
+    previous version waits under its ``.old-*`` name (killed between the two renames), put
+    it back; then remove stray ``.tmp-*`` / ``.old-*`` siblings. Called by every save and
+    load; needs write access to ``path``'s parent only when there is something to do.
+
+    Example:
+        >>> import os, tempfile
+        >>> parent = tempfile.mkdtemp(); os.mkdir(os.path.join(parent, ".adapter.old-x"))
+        >>> recover_adapter_dir(os.path.join(parent, "adapter")); os.listdir(parent)
+        ['adapter']
+    """
+    path = os.path.abspath(path)
+    olds = _siblings(path, "old")
+    if olds and not os.path.lexists(path):
+        os.rename(olds.pop(), path)
+    for leftover in _siblings(path, "tmp") + olds:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
                  task_type: Optional[str] = "auto") -> None:
     """Write ``model``'s LoRA adapters to the directory ``path`` in PEFT's layout.
 
-    Each file is written to a temporary file in ``path`` and renamed over the old one
-    (weights first, config second), so an interrupted save leaves the previous adapter
-    readable. Tensors are stored in the adapters' dtype. ``task_type="auto"`` derives
-    PEFT's task type from a transformers class name (``...ForCausalLM`` -> ``CAUSAL_LM``).
+    The save is one transaction: both files are written into a new sibling directory
+    (``.<name>.tmp-*``) and synced, then ``path`` is switched to it with two renames
+    (old ``path`` -> ``.<name>.old-*``, new -> ``path``) and the old one deleted. Each
+    directory ever named ``path`` holds one complete version; a kill between the renames
+    leaves ``path`` missing and the previous version under ``.old-*``, which the next save
+    or load puts back (``recover_adapter_dir``), and leftovers of interrupted saves are
+    removed. Other plain files in ``path`` are carried over (hard links); a subdirectory
+    there is refused, as the directory is replaced as a whole. The weights file records
+    the config fields it depends on, so ``load_adapter`` refuses a mixed pair.
+    Tensors are stored in the adapters' dtype. ``task_type="auto"`` derives PEFT's task
+    type from a transformers class name (``...ForCausalLM`` -> ``CAUSAL_LM``).
 
     Example:
         >>> import os, tempfile, torch, qlora_kernels as qk
@@ -137,16 +193,54 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[
         for part in ("lora_A", "lora_B"):
             w = getattr(m, part).weight
             tensors[f"{PREFIX}{name}.{part}.weight"] = w.detach().to("cpu").contiguous().clone()
-    os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, WEIGHTS_NAME),
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
+    path = os.path.realpath(path)
+    recover_adapter_dir(path)
+    extra = []
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"save_adapter: {path} exists and is not a directory")
+        for entry in os.scandir(path):
+            if entry.name in (CONFIG_NAME, WEIGHTS_NAME) or entry.name.startswith(".tmp-"):
+                continue  # ours (".tmp-*": an interrupted save of an older version)
+            if entry.is_dir(follow_symlinks=False):
+                raise IsADirectoryError(f"save_adapter: {path} holds the directory "
+                                        f"{entry.name!r}; the adapter directory is replaced as a "
+                                        "whole on each save, so use a dedicated one")
+            extra.append(entry.name)
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME),
+                  metadata={"format": "pt", PAIRING_KEY: _pairing(config)})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-
-    atomic_write(os.path.join(path, CONFIG_NAME), write_json)
+        for name in extra:
+            try:
+                os.link(os.path.join(path, name), os.path.join(tmp, name), follow_symlinks=False)
+            except OSError:
+                shutil.copy2(os.path.join(path, name), os.path.join(tmp, name),
+                             follow_symlinks=False)
+        for name in (WEIGHTS_NAME, CONFIG_NAME, ""):
+            _fsync(os.path.join(tmp, name))
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+            os.rename(path, old)  # replaces the empty placeholder directory
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync(parent)
+    except BaseException:
+        if old is not None and not os.path.lexists(path) and os.path.isdir(old):
+            os.rename(old, path)  # interrupted between the renames: the previous version back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_adapter_config(path: str) -> dict:
@@ -165,11 +259,28 @@ def read_adapter_config(path: str) -> dict:
     try:
         with open(file) as f:
             cfg = json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"{file}: not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise ValueError(f"{file}: {key} must be an object, got {cfg[key]!r}")
+    targets = cfg.get("target_modules")
+    if not (targets is None or isinstance(targets, str) or (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise ValueError(f"{file}: target_modules must be a string or a list of names, got "
+                         f"{targets!r}")
     for key in ("peft_type", "r", "lora_alpha"):
         if key not in cfg:
             raise ValueError(f"{file}: missing field {key!r}")
+    _positive_int(cfg["r"], f"{file}: r")
+    for key, value in [("lora_alpha", cfg["lora_alpha"])] + list(
+            (cfg.get("alpha_pattern") or {}).items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise ValueError(f"{file}: lora_alpha of {key!r} must be a finite number, got "
+                             f"{value!r}")
     if cfg["peft_type"] != "LORA":
         raise ValueError(f"{file}: peft_type {cfg['peft_type']!r} is not 'LORA'")
     unsupported = {"fan_in_fan_out": False, "use_dora": False, "bias": "none"}
@@ -206,30 +317,40 @@ def load_adapter(model: nn.Module, path: str, strict: bool = True, **prepare_kwa
         >>> qk.load_adapter(m, d) is m
         True
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
+    try:
+        recover_adapter_dir(path)
+    except OSError:
+        pass  # a read-only location: read what is there
     cfg = read_adapter_config(path)
     wfile = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(wfile):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
     try:
-        tensors = load_file(wfile)
+        with safe_open(wfile, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types on corrupt headers
         raise ValueError(f"{wfile}: not a readable safetensors file: {exc}") from exc
+    paired = metadata.get(PAIRING_KEY)
+    if paired is not None and paired != _pairing(cfg):
+        raise ValueError(f"{path}: {WEIGHTS_NAME} was saved with {paired}, but {CONFIG_NAME} "
+                         f"says {_pairing(cfg)}: the two files come from different saves")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    if not lora_layers(model):
-        prepare_kwargs.setdefault("verbose", False)
-        prepare_model(model, target_modules=cfg.get("target_modules") or "all-linear",
-                      r=int(cfg["r"]), lora_alpha=cfg["lora_alpha"],
-                      lora_dropout=float(cfg.get("lora_dropout") or 0.0),
-                      use_rslora=bool(cfg.get("use_rslora", False)), **prepare_kwargs)
-        for name, m in lora_layers(model).items():
-            r = int(_pattern_value(rank_pattern, name, m.r))
-            if r != m.r:
-                _resize(m, r)
     layers = lora_layers(model)
-    plan = []
-    seen = set()
+    if layers:
+        shapes = {n: {part: tuple(getattr(m, part).weight.shape) for part in ("lora_A", "lora_B")}
+                  for n, m in layers.items()}
+    else:  # the layers prepare_model would make, from the config
+        shapes = {}
+        for name in resolve_target_modules(model, cfg.get("target_modules") or "all-linear"):
+            layer = model.get_submodule(name)
+            r = _positive_int(_pattern_value(rank_pattern, name, cfg["r"]),
+                              f"{path}: rank of {name!r}")
+            shapes[name] = {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r)}
+    # Every key checked before the model is touched.
+    plan, seen = [], set()
     for key, t in tensors.items():
         inner = key[len(PREFIX):] if key.startswith(PREFIX) else key
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", inner)
@@ -237,24 +358,45 @@ def load_adapter(model: nn.Module, path: str, strict: bool = True, **prepare_kwa
             raise ValueError(f"{wfile}: unsupported key {key!r} (only lora_A/lora_B weights "
                              "are understood)")
         name, part = match.groups()
-        if name not in layers:
+        if name not in shapes:
             raise ValueError(f"{wfile}: key {key!r} names no QLoRALinear layer of the model "
-                             f"(module {name!r}; adapted layers: {sorted(layers)[:5]} ...)")
-        layer = getattr(layers[name], part)
-        if tuple(t.shape) != tuple(layer.weight.shape):
+                             f"(module {name!r}; adapted layers: {sorted(shapes)[:5]} ...)")
+        if (name, part) in seen:
+            raise ValueError(f"{wfile}: key {key!r} repeats the weight {name}.{part}")
+        if tuple(t.shape) != shapes[name][part]:
             raise ValueError(f"{wfile}: key {key!r} has shape {tuple(t.shape)}, the model's "
-                             f"{name}.{part}.weight is {tuple(layer.weight.shape)}")
-        plan.append((layer.weight, t))
+                             f"{name}.{part}.weight is {shapes[name][part]}")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{wfile}: key {key!r} is {t.dtype} with NaN/Inf or non-float "
+                             "values")
+        plan.append((name, part, t))
         seen.add((name, part))
     if strict:
-        for name in layers:
+        for name in shapes:
             for part in ("lora_A", "lora_B"):
                 if (name, part) not in seen:
                     raise ValueError(f"{wfile}: missing key {PREFIX}{name}.{part}.weight")
+    if not layers:
+        prepare_kwargs.setdefault("verbose", False)
+        prepare_model(model, target_modules=cfg.get("target_modules") or "all-linear",
+                      r=int(cfg["r"]), lora_alpha=cfg["lora_alpha"],
+                      lora_dropout=float(cfg.get("lora_dropout") or 0.0),
+                      use_rslora=bool(cfg.get("use_rslora", False)), **prepare_kwargs)
+        layers = lora_layers(model)
+        for name, m in layers.items():
+            if shapes[name]["lora_A"][0] != m.r:
+                _resize(m, shapes[name]["lora_A"][0])
     with torch.no_grad():
-        for weight, t in plan:
+        for name, part, t in plan:
+            weight = getattr(layers[name], part).weight
             weight.copy_(t.to(weight.device))
     for name, m in layers.items():
         m.set_scale(_pattern_value(alpha_pattern, name, cfg["lora_alpha"]),
                     bool(cfg.get("use_rslora", False)))
     return model
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+    return value

@@ -15,6 +15,8 @@ from typing import Optional, Union
 
 import torch
 
+from .formats import FLOAT_DTYPES
+
 AUTO = "auto"
 
 
@@ -64,8 +66,10 @@ def resolve_compute_dtype(compute_dtype: Union[None, str, torch.dtype],
         True
     """
     if compute_dtype is None or isinstance(compute_dtype, torch.dtype):
-        if compute_dtype is not None and not compute_dtype.is_floating_point:
-            raise ValueError(f"compute_dtype must be a floating-point dtype, got {compute_dtype}")
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"compute_dtype must be a floating-point dtype the kernels compute "
+                             f"in ({', '.join(map(str, FLOAT_DTYPES))}), None (x's own dtype) "
+                             f"or 'auto', got {compute_dtype}")
         return compute_dtype
     if compute_dtype != AUTO:
         raise ValueError(f"compute_dtype must be a torch dtype, None or 'auto', got {compute_dtype!r}")

@@ -53,6 +53,20 @@ def check_blocksize(blocksize: int) -> int:
     return int(blocksize)
 
 
+def check_out_dtype(dtype, op: str) -> None:
+    """Kernels write float32, float16 or bfloat16 only (an integer dtype would truncate): the
+    same TypeError on every backend.
+
+    Example:
+        >>> import torch
+        >>> check_out_dtype(torch.int32, "dequantize_4bit")
+        Traceback (most recent call last):
+        TypeError: dequantize_4bit: dtype must be float32, float16 or bfloat16, got torch.int32
+    """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
 @functools.lru_cache(maxsize=None)
 def _code_cpu(quant_type: str) -> torch.Tensor:
     return torch.tensor(_TABLES[check_quant_type(quant_type)], dtype=torch.float32)

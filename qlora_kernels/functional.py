@@ -9,14 +9,15 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
 
 from . import ops  # noqa: F401  (registers fakes and fallbacks)
 from .backends import backend_for_call
-from .formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, check_quant_type, get_4bit_code,
-                      get_dq_code)
+from .formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, check_out_dtype,
+                      check_quant_type, get_4bit_code, get_dq_code)
 from .aliases import pick
 from .packed_storage import packed_to_storage, storage_to_packed
 from .quant_state import QuantState
@@ -71,6 +72,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: Optional[t
         >>> (qk.dequantize_blockwise(*qk.quantize_blockwise(x)) - x).abs().max() < 0.05
         tensor(True)
     """
+    check_out_dtype(dtype, "dequantize_blockwise")
     code = get_dq_code("dynamic" if code is None else code).to(q.device)
     with backend_for_call(q.device, backend):
         return torch.ops.qlora_kernels.dequantize_8bit(q.reshape(-1), absmax, code,
@@ -89,7 +91,9 @@ def double_quantize_absmax(absmax: torch.Tensor, dq_code: Union[str, torch.Tenso
         >>> q.dtype, s2.absmax.shape
         (torch.uint8, torch.Size([4]))
     """
-    offset = float(absmax.float().mean())
+    offset = float(absmax.float().mean()) if absmax.numel() else 0.0  # (an empty weight)
+    if not math.isfinite(offset):  # finite scales near 3e38 overflow a float32 sum
+        offset = float(absmax.double().mean())
     code = get_dq_code(dq_code).to(absmax.device)
     q, scale2 = quantize_blockwise(absmax.float() - offset, code, NESTED_BLOCKSIZE, backend)
     state2 = QuantState(absmax=scale2, shape=None, dtype=torch.float32,
@@ -188,6 +192,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
         raise ValueError(f"dequantize_4bit: packed is on {packed.device} but its state on "
                          f"{state.absmax.device}; move both with .to(device)")
     dtype = dtype or state.dtype
+    check_out_dtype(out.dtype if out is not None else dtype, "dequantize_4bit")
     absmax, code, blocksize, nested_absmax, nested_code, offset = state.op_args()
     if out is not None:
         if out.numel() != state.numel or not out.is_contiguous() or out.device != packed.device:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension, cpu_dispatch, ops  # noqa: F401
+from .formats import FLOAT_DTYPES
 from .quant_state import QuantState
 
 # Largest number of rows of x that takes the GEMV path, per device type, and per
@@ -173,14 +174,43 @@ def _triton_gemm(device: torch.device):
     return matmul_4bit_triton
 
 
+def check_matmul_input(x, bias=None, what: str = "matmul_4bit") -> None:
+    """The dtype rule of every matmul path (GEMV, GEMM, Triton; function, op and module):
+    x is float32, float16 or bfloat16 with at least one dimension, and bias (if any) is a
+    floating-point tensor; TypeError naming the dtype otherwise, whatever the batch size.
+    float64 is refused rather than cast: the kernels compute in float32 and a float64 result
+    would claim a precision a 4-bit weight never has (cast x, or set compute_dtype).
+
+    Example:
+        >>> import torch
+        >>> check_matmul_input(torch.ones(2, 3, dtype=torch.float64))
+        Traceback (most recent call last):
+        TypeError: matmul_4bit: x must be float32, float16 or bfloat16, got torch.float64 (cast x first)
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what}: x must be float32, float16 or bfloat16, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} (cast x first)")
+    if x.dim() == 0:
+        raise ValueError(f"{what}: x must have at least one dimension (..., in_features), "
+                         "got a 0-d tensor")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()):
+        raise TypeError(f"{what}: bias must be a floating-point tensor, got "
+                        f"{getattr(bias, 'dtype', type(bias).__name__)}")
+
+
 def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
                       nested_code=None, offset=0.0, bias=None):
+    check_matmul_input(x, bias)
     if x.is_cuda:  # first CUDA use: falls back from kernels with no image for this GPU
         _extension.cuda_kernels_runnable(x.device)
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)  # (-1, 0) is ambiguous for k = 0
     m = x2.shape[0]
-    if m <= gemv_max_rows(x.device.type, x.dtype):
+    if m == 0 or k == 0 or out_features == 0:  # as nn.Linear: an empty sum is 0, plus bias
+        y = torch.zeros(m, out_features, dtype=torch.float32, device=x.device)
+        if bias is not None:
+            y += bias.float()
+    elif m <= gemv_max_rows(x.device.type, x.dtype):
         # x in its own dtype: the kernel accumulates in float32 (bias included) and rounds
         # once; with bf16 x the CPU kernel works in block fixed point (csrc/cpu/gemv_cpu.cpp)
         y = torch.ops.qlora_kernels.gemv_4bit(x2, packed, absmax, code, blocksize, out_features,
@@ -211,9 +241,11 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
 def _matmul_4bit_backward_impl(grad_y, packed, absmax, code, blocksize, in_features,
                                nested_absmax=None, nested_code=None, offset=0.0):
     n = grad_y.shape[-1]
-    g2 = grad_y.reshape(-1, n)
+    g2 = grad_y.reshape(math.prod(grad_y.shape[:-1]), n)
     gemm = _triton_gemm(grad_y.device)
-    if gemm is not None:
+    if g2.shape[0] == 0 or n == 0 or in_features == 0:
+        gx = torch.zeros(g2.shape[0], in_features, dtype=torch.float32, device=grad_y.device)
+    elif gemm is not None:
         gx = gemm(g2, packed, absmax, code, blocksize, n, in_features, nested_absmax,
                             nested_code, offset, transpose_w=True)
     else:
@@ -267,7 +299,7 @@ def _backward(ctx, grad):
             grad, packed, absmax, code, ctx.blocksize, ctx.in_features, nested_absmax,
             nested_code, ctx.offset)
     if ctx.has_bias and ctx.needs_input_grad[9]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        grad_bias = grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0)
     return grad_x, None, None, None, None, None, None, None, None, grad_bias
 
 
@@ -280,8 +312,9 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     """``x @ W^T (+ bias)`` with W the 4-bit weight ``(packed, state)`` of shape (N, K);
     differentiable w.r.t. ``x`` and ``bias`` (the weight is frozen). Returns x's dtype.
 
-    Raises TypeError for a non-float x and ValueError when x's last dimension or the
-    packed bytes do not match the state.
+    Raises TypeError for x that is not float32/float16/bfloat16 or a non-float bias
+    (``check_matmul_input``: the same on every path and batch size), and ValueError when x
+    is 0-d or its last dimension or the packed bytes do not match the state.
 
     Example:
         >>> import torch, qlora_kernels as qk
@@ -290,9 +323,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         >>> qk.matmul_4bit(x, packed, state).sum().backward(); x.grad.shape
         torch.Size([2, 5, 64])
     """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"matmul_4bit: x must be a floating-point tensor, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    check_matmul_input(x, bias)
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit: the weight must be 2-D (out, in), its state has shape "
                          f"{list(state.shape)}")

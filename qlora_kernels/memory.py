@@ -8,6 +8,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable
 
@@ -92,9 +93,39 @@ class MemoryEstimate:
 
 
 def _shapes(n_params: float, shapes=None):
+    """The LLaMA shapes of the table entry within 25% of ``n_params``; for other sizes,
+    LLaMA-7B's proportions scaled to the size (intermediate = 2.6875 hidden, hidden / 128
+    layers, so params = layers * 12.06 hidden^2), hidden rounded to a multiple of 64.
+
+    Example:
+        >>> _shapes(7e9), _shapes(135e6)
+        ((4096, 11008, 32, 1.0), (1152, 3072, 8, 1.0))
+    """
     if shapes is not None:
         return tuple(shapes)
-    return _LLAMA_SHAPES[min(_LLAMA_SHAPES, key=lambda k: abs(k - n_params))]
+    nearest = min(_LLAMA_SHAPES, key=lambda k: abs(k - n_params))
+    if 0.8 <= n_params / nearest <= 1.25:
+        return _LLAMA_SHAPES[nearest]
+    per_h3 = (2 + 2 + 3 * 2.6875) / 128  # linear params per hidden^3 (layers = hidden / 128)
+    h = max(64, round((n_params / per_h3) ** (1 / 3) / 64) * 64)
+    return (h, round(2.6875 * h / 64) * 64, max(1, round(n_params / (per_h3 * 128 * h * h))), 1.0)
+
+
+def check_memory_args(n_params, r, world_size) -> None:
+    """ValueError unless ``n_params`` is a finite count > 0, ``r`` an integer >= 1 and
+    ``world_size`` an integer >= 1 (``qlora-kernels memory`` exits 2 with the message).
+
+    Example:
+        >>> check_memory_args(float("nan"), 64, 1)
+        Traceback (most recent call last):
+        ValueError: params must be a finite number > 0, got nan
+    """
+    if isinstance(n_params, bool) or not isinstance(n_params, (int, float)) or \
+            not math.isfinite(n_params) or n_params <= 0:
+        raise ValueError(f"params must be a finite number > 0, got {n_params!r}")
+    for name, value in (("r", r), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def linear_params_per_layer(shapes) -> int:
@@ -147,16 +178,18 @@ def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_byte
     adapters, their gradients and AdamW state are sharded; and two decoder layers are
     all-gathered at a time (the one computing, the one prefetched: codes, adapters and
     adapter gradients). ``shapes = (hidden, intermediate, layers, kv_fraction)`` overrides the
-    LLaMA shapes looked up from ``n_params`` (for other models; ``n_params`` is then the
-    count of quantized parameters).
+    LLaMA shapes looked up from ``n_params`` (scaled to the size away from the LLaMA sizes;
+    for other models; ``n_params`` is then the count of quantized parameters). Raises
+    ValueError for a non-finite or non-positive ``n_params``, ``r`` < 1 or ``world_size`` < 1.
 
     Example:
         >>> e = estimate_memory(7e9)
         >>> round(e.weights_bf16_gb), round(e.weights_nf4_dq_gb, 1)
         (14, 3.6)
     """
+    check_memory_args(n_params, r, world_size)
     gb = 1e9
-    ws = max(int(world_size), 1)
+    ws = world_size
     bf16 = n_params * 2 / gb
     nf4 = n_params * bits_per_parameter_formula(blocksize, False) / 8 / gb
     nf4_dq = n_params * bits_per_parameter_formula(blocksize, True) / 8 / gb

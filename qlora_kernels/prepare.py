@@ -30,6 +30,7 @@ from torch import nn
 
 from .chunked_loss import chunked_causal_lm_loss
 from .compute_dtype import resolve_compute_dtype
+from .formats import FLOAT_DTYPES
 from .lora import QLoRALinear
 from .memory import parameter_counts, weight_bytes
 from .nn import Linear4bit
@@ -218,6 +219,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     (chunked_loss.py); False keeps the model's own loss.
 
     Raises ValueError (listing available names) when ``target_modules`` matches nothing.
+    Arguments and every target weight (float dtype, finite values) are checked before the
+    first layer is converted, so an error (naming the layer) leaves the model unchanged.
 
     Example:
         >>> import torch, qlora_kernels as qk
@@ -233,6 +236,11 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     # the device only: holding the first parameter would keep its dense weight alive
     device = next((p.device for p in model.parameters()), None)
     compute_dtype = resolve_compute_dtype(compute_dtype, device)
+    _check_conversion(model, names, quantize, dict(
+        quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+        compute_dtype=compute_dtype, dq_code=dq_code, quant_storage=quant_storage), dict(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, init=init,
+        adapter_dtype=adapter_dtype or (compute_dtype if quantize else None)))
     before = weight_bytes(model)
     # Names only: holding the modules themselves would keep every dense weight alive.
     for name in names:
@@ -256,6 +264,30 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     if verbose:
         print(_summary_line(parameter_counts(model), before, weight_bytes(model)))
     return model
+
+
+def _check_conversion(model: nn.Module, names: List[str], quantize: bool, quant_args: dict,
+                      lora_args: dict) -> None:
+    """Everything that could stop ``prepare_model`` halfway, checked before the first layer
+    is replaced: the arguments (by converting one tiny layer with them) and each target's
+    weight (a float dtype the quantizer takes, finite values), so that a failure leaves
+    the model as it was. Raises ValueError/TypeError naming the layer."""
+    probe = nn.Linear(64, 64)
+    QLoRALinear(Linear4bit.from_linear(probe, **quant_args) if quantize else probe, **lora_args)
+    if not quantize:
+        return
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, nn.Linear):
+            continue
+        w = layer.weight
+        if w.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"prepare_model: layer {name!r} has a {w.dtype} weight; 4-bit "
+                            "quantization takes float32, float16 or bfloat16 (cast the model)")
+        if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+            bad = int((~torch.isfinite(w)).sum())
+            raise ValueError(f"prepare_model: layer {name!r} has {bad} NaN or Inf weight values; "
+                             "nothing was converted")
 
 
 def _freeze_all_but_lora(model: nn.Module) -> None:

@@ -12,12 +12,13 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .formats import NESTED_BLOCKSIZE, QUANT_TYPES
+from .formats import NESTED_BLOCKSIZE, QUANT_TYPES, SUPPORTED_BLOCKSIZES
 
 _PACKED_KEY = "quant_state.bitsandbytes__"
 # The tensors of a state, named as bitsandbytes names them (Linear4bit's buffers too).
@@ -30,11 +31,64 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _dtype_from_name(name: str, key: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"quant state key {key!r}: {name!r} is not a torch dtype")
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_NUMEL = 1 << 62  # far beyond any tensor; keeps block counts inside int64
+
+
+def _dtype_from_name(name, key: str, allowed=_WEIGHT_DTYPES) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if dtype not in allowed:
+        raise ValueError(f"quant state key {key!r}: {name!r} is not one of "
+                         f"{[_dtype_name(d) for d in allowed]}")
     return dtype
+
+
+def _json_int(value, key: str, allowed=None) -> int:
+    # JSON gives int, float (1e400 -> inf), bool, str or null: only a plain int is a count
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"quant state key {key!r}: expected an integer, got {value!r}")
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"quant state key {key!r}: {value} is not one of {allowed}")
+    return value
+
+
+def _json_shape(value) -> torch.Size:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"quant state key 'shape': expected a list of sizes, got {value!r}")
+    dims = [_json_int(d, "shape") for d in value]
+    numel = 1
+    for d in dims:
+        if d < 0:
+            raise ValueError(f"quant state key 'shape': negative size in {dims}")
+        numel *= d
+    if numel >= _MAX_NUMEL:
+        raise ValueError(f"quant state key 'shape': {dims} has {numel} elements (too many)")
+    return torch.Size(dims)
+
+
+def _json_offset(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"quant state key 'nested_offset': expected a finite number, got "
+                         f"{value!r}")
+    return float(value)
+
+
+def _tensor(d: dict, key: str) -> torch.Tensor:
+    value = d[key]
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"quant state key {key!r}: expected a tensor, got "
+                         f"{type(value).__name__}")
+    return value
+
+
+def _bad_values(t: torch.Tensor, nonnegative: bool) -> Optional[str]:
+    ok = torch.isfinite(t)
+    if nonnegative:
+        ok &= t >= 0
+    if bool(ok.all()):
+        return None
+    i = int((~ok).nonzero()[0, 0])
+    return f"holds {t.reshape(-1)[i].item()} at index {i} ({int((~ok).sum())} bad values)"
 
 
 def pack_dict_to_tensor(d: dict) -> torch.Tensor:
@@ -44,10 +98,16 @@ def pack_dict_to_tensor(d: dict) -> torch.Tensor:
 
 def unpack_tensor_to_dict(t: torch.Tensor) -> dict:
     """Inverse of ``pack_dict_to_tensor``; raises ValueError on bytes that are not JSON."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        raise ValueError(f"quant state JSON must be a 1-D uint8 tensor, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)}")
     try:
-        return json.loads(bytes(t.cpu().to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        d = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"quant state JSON is corrupt: {exc}") from exc
+    if not isinstance(d, dict):
+        raise ValueError(f"quant state JSON must be an object, got {type(d).__name__} {d!r:.40}")
+    return d
 
 
 @dataclass(eq=False)
@@ -182,33 +242,88 @@ class QuantState:
             qt = key.rsplit("bitsandbytes__", 1)[-1]
             if qt not in QUANT_TYPES:
                 raise ValueError(f"{key!r}: unknown quant type {qt!r}")
-            qs_dict.update(unpack_tensor_to_dict(qs_dict.pop(key)))
+            meta = unpack_tensor_to_dict(qs_dict.pop(key))
+            if meta.get("quant_type", qt) != qt:
+                raise ValueError(f"{key!r}: its JSON says quant_type {meta['quant_type']!r}")
+            qs_dict.update(meta)
         elif "quant_type" not in qs_dict:
             raise ValueError("expected a packed (quant_state.bitsandbytes__*) or unpacked quant "
                              f"state, found keys {sorted(qs_dict)}")
-        d = {k.split(".")[-1]: v for k, v in qs_dict.items()}
+        d = {}
+        for k, v in qs_dict.items():
+            short = k.split(".")[-1]
+            if short in d:
+                raise ValueError(f"quant state key {short!r} given twice (as {k!r})")
+            d[short] = v
         unknown = set(d) - _VALID_KEYS
         if unknown:
             raise ValueError(f"unknown quant state keys: {sorted(unknown)}")
         for key in ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape"):
             if key not in d:
                 raise ValueError(f"quant state is missing {key!r}")
+        if d["quant_type"] not in QUANT_TYPES:
+            raise ValueError(f"quant state key 'quant_type': {d['quant_type']!r} is not one of "
+                             f"{QUANT_TYPES}")
         state2, offset = None, None
-        if "nested_absmax" in d:
-            for key in ("nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset"):
+        nested_keys = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype",
+                       "nested_offset")
+        if any(key in d for key in nested_keys):
+            for key in nested_keys:
                 if key not in d:
                     raise ValueError(f"double-quantized state is missing {key!r}")
-            offset = float(d["nested_offset"])
-            state2 = cls(absmax=d["nested_absmax"].to(device), shape=None,
-                         dtype=_dtype_from_name(d["nested_dtype"], "nested_dtype"),
-                         blocksize=int(d["nested_blocksize"]), quant_type="8bit",
-                         code=d["nested_quant_map"].to(device))
-        state = cls(absmax=d["absmax"].to(device), shape=torch.Size(d["shape"]),
-                    dtype=_dtype_from_name(d["dtype"], "dtype"), blocksize=int(d["blocksize"]),
-                    quant_type=str(d["quant_type"]), code=d["quant_map"].to(device),
+            offset = _json_offset(d["nested_offset"])
+            state2 = cls(absmax=_tensor(d, "nested_absmax").to(device), shape=None,
+                         dtype=_dtype_from_name(d["nested_dtype"], "nested_dtype",
+                                                (torch.float32,)),
+                         blocksize=_json_int(d["nested_blocksize"], "nested_blocksize",
+                                             (NESTED_BLOCKSIZE,)),
+                         quant_type="8bit", code=_tensor(d, "nested_quant_map").to(device))
+        state = cls(absmax=_tensor(d, "absmax").to(device), shape=_json_shape(d["shape"]),
+                    dtype=_dtype_from_name(d["dtype"], "dtype"),
+                    blocksize=_json_int(d["blocksize"], "blocksize", SUPPORTED_BLOCKSIZES),
+                    quant_type=d["quant_type"], code=_tensor(d, "quant_map").to(device),
                     offset=offset, state2=state2)
         state.validate()
+        state.check_values()
         return state
+
+    def check_values(self) -> None:
+        """Check the numbers a loaded state holds (``validate`` checks only sizes and dtypes,
+        cheap enough for every matmul): finite code tables, finite non-negative scales, and
+        an offset that is the mean of the absmax values it was subtracted from. Raises
+        ValueError naming the key.
+
+        Example:
+            >>> import torch, qlora_kernels as qk
+            >>> _, s = qk.quantize_4bit(torch.randn(64, 64))
+            >>> s.state2.absmax[0] = float("nan"); s.check_values()
+            Traceback (most recent call last):
+            ValueError: nested_absmax: holds nan at index 0 (1 bad values)
+        """
+        checks = [("quant_map", self.code, False)]
+        if self.nested:
+            checks += [("nested_absmax", self.state2.absmax, True),
+                       ("nested_quant_map", self.state2.code, False)]
+        else:
+            checks.append(("absmax", self.absmax, True))
+        for key, t, nonnegative in checks:
+            bad = _bad_values(t, nonnegative)
+            if bad:
+                raise ValueError(f"{key}: {bad}")
+        if self.nested:
+            offset = self.offset
+            if offset is None or not math.isfinite(offset) or offset < 0:
+                raise ValueError(f"nested_offset: {offset!r} is not a finite mean of absmax "
+                                 "values (>= 0)")
+            # Each nested scale is the largest |absmax - offset| of its block, and two
+            # different float32 values near the offset differ by at least offset * 2^-24:
+            # a smaller non-zero scale cannot come from this offset (a tampered one would
+            # swallow every absmax difference, e.g. offset 1e30 with scales near 0.1).
+            scales = self.state2.absmax
+            floor = offset * 2.0 ** -30
+            if bool(((scales > 0) & (scales < floor)).any()):
+                raise ValueError(f"nested_offset: {offset!r} is inconsistent with the nested "
+                                 f"scales (smallest non-zero {scales[scales > 0].min().item()})")
 
     def validate(self, packed: Optional[torch.Tensor] = None) -> None:
         """Check internal consistency (and against ``packed`` when given); raise
@@ -218,12 +333,20 @@ class QuantState:
         if self.code.dtype != torch.float32 or self.code.numel() != 16:
             raise ValueError(f"quant_map: expected 16 float32 values, got {self.code.numel()} "
                              f"{self.code.dtype}")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or \
+                self.blocksize <= 0:
+            raise ValueError(f"blocksize: expected a positive integer, got {self.blocksize!r}")
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"shape: negative size in {list(self.shape)}")
         n = self.numel
         nblocks = -(-n // self.blocksize)
         if self.absmax.numel() != nblocks:
             raise ValueError(f"absmax: {self.absmax.numel()} entries, but shape {list(self.shape)} "
                              f"at blocksize {self.blocksize} has {nblocks} blocks")
         if self.nested:
+            if self.offset is None:
+                raise ValueError("nested_offset: a double-quantized state needs the offset "
+                                 "(the mean of the absmax values), got None")
             if self.absmax.dtype != torch.uint8:
                 raise ValueError(f"absmax: a double-quantized absmax is uint8, got {self.absmax.dtype}")
             if self.state2.blocksize != NESTED_BLOCKSIZE:

@@ -56,7 +56,8 @@ def flatten_quantized(named: Dict[str, object]) -> Dict[str, torch.Tensor]:
 def split_quantized(state_dict: Dict[str, torch.Tensor], device="cpu"
                     ) -> Tuple[Dict[str, Tuple[torch.Tensor, QuantState]], Dict[str, torch.Tensor]]:
     """Split a flat state dict into ``{weight name: (packed, QuantState)}`` and the other
-    tensors, checking each quantized entry (raises ValueError naming the key).
+    tensors, checking every entry (sizes, dtypes, and finite values; raises ValueError
+    naming the key).
 
     Example:
         >>> import torch, qlora_kernels as qk
@@ -71,6 +72,9 @@ def split_quantized(state_dict: Dict[str, torch.Tensor], device="cpu"
         if _QS_MARK not in key:
             continue
         name = key[: key.index(_QS_MARK)]
+        if name in quantized:
+            raise ValueError(f"{key!r}: a second quant_state entry for {name!r} (one weight, "
+                             "one state)")
         if name not in state_dict:
             raise ValueError(f"{key!r}: the packed weight {name!r} is missing")
         try:
@@ -85,17 +89,19 @@ def split_quantized(state_dict: Dict[str, torch.Tensor], device="cpu"
             if k not in state_dict:
                 raise ValueError(f"{k!r} is missing (required by {key!r})")
             parts[k] = state_dict[k]
-        try:
+        try:  # from_dict checks every key's type, size and values
             state = QuantState.from_dict(parts, device=device)
-            packed = state_dict[name]
-            state.validate(packed)
-        except (ValueError, KeyError, TypeError) as exc:
+            state.validate(state_dict[name])
+        except ValueError as exc:
             raise ValueError(f"{name!r}: inconsistent quantized entry: {exc}") from exc
-        _check_dtypes(name, state, meta)
+        packed = state_dict[name]
         quantized[name] = (packed.to(device), state)
         used.update(parts)
         used.add(name)
     rest = {k: v for k, v in state_dict.items() if k not in used}
+    for k, v in rest.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{k!r} holds NaN or Inf values")
     orphans = [k for k in rest if k.rsplit(".", 1)[-1] in STATE_TENSOR_KEYS]
     if orphans:
         raise ValueError(f"{orphans[0]!r} has no quant_state entry beside it "
@@ -103,13 +109,6 @@ def split_quantized(state_dict: Dict[str, torch.Tensor], device="cpu"
     return quantized, rest
 
 
-def _check_dtypes(name: str, state: QuantState, meta: dict) -> None:
-    if state.code.dtype != torch.float32:
-        raise ValueError(f"{name}.quant_map: expected float32, got {state.code.dtype}")
-    if state.nested and state.state2.absmax.dtype != torch.float32:
-        raise ValueError(f"{name}.nested_absmax: expected float32, got {state.state2.absmax.dtype}")
-    if list(meta.get("shape", [])) != list(state.shape):
-        raise ValueError(f"{name}: JSON shape {meta.get('shape')} does not match {list(state.shape)}")
 
 
 def save_quantized(module_or_state_dict: Union[nn.Module, Dict[str, object]], path: str) -> None:
@@ -139,7 +138,9 @@ def load_quantized(path: str, device="cpu") -> Dict[str, torch.Tensor]:
 
     Returns the flat state dict (bitsandbytes layout, ready for ``load_state_dict``); use
     ``split_quantized`` for ``(packed, QuantState)`` pairs. Raises ValueError naming the
-    file or key on a truncated file, a missing key, or an inconsistent entry.
+    file and key on a truncated file, a missing or duplicated key, or an entry of the wrong
+    type, size or dtype or with NaN, Inf or negative scales (``QuantState.from_dict``
+    checks); RuntimeError for ``device="cuda"`` without CUDA.
 
     Example:
         >>> import tempfile, os, torch, qlora_kernels as qk
@@ -153,10 +154,17 @@ def load_quantized(path: str, device="cpu") -> Dict[str, torch.Tensor]:
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint: {path}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"load_quantized({path!r}, device={str(device)!r}): CUDA is not "
+                           "available on this machine (torch.cuda.is_available() is False)")
     try:
-        sd = load_file(path, device=str(device))
+        sd = load_file(path, device="cpu")  # checked on the CPU, then moved
     except Exception as exc:  # safetensors raises its own error types on corrupt headers
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
                          f"{exc}") from exc
-    split_quantized(sd, device=device)  # validation only
-    return sd
+    try:
+        split_quantized(sd)  # validation only
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return {k: v.to(device) for k, v in sd.items()} if device.type != "cpu" else sd

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from qlora_kernels.backends import available_backends, get_backend
+from qlora_kernels.backends import available_backends, use_backend
 
 from conftest import DTYPES, HAS_CUDA
 
@@ -85,9 +85,13 @@ BACKENDS = _backends()
 IDS = [f"{d}-{b}" for d, b in BACKENDS]
 
 
+def _quantize(device, backend, x, blocksize, quant_type):
+    with use_backend(backend):
+        return torch.ops.qlora_kernels.quantize_4bit(x.to(device), blocksize, quant_type)
+
+
 def _check(device, backend, x, blocksize, quant_type):
-    be = get_backend(torch.device(device), backend)
-    packed, absmax = be.quantize_4bit(x.to(device), blocksize, quant_type)
+    packed, absmax = _quantize(device, backend, x, blocksize, quant_type)
     want_p, want_a = port_quantize(x, blocksize, quant_type)
     assert torch.equal(absmax.cpu(), want_a)
     got = packed.cpu()
@@ -156,10 +160,9 @@ def test_random_blocks_at_random_scales(device, backend, quant_type, dtype, bloc
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("quant_type,pad", [("nf4", 7), ("fp4", 0), ("int4", 8)])
 def test_odd_numel_pad_nibble_is_the_code_of_zero(device, backend, quant_type, pad, rng):
-    be = get_backend(torch.device(device), backend)
     for n in (1, 65, 333):
         x = torch.randn(n, generator=rng) + 3.0  # no element encodes to the pad by chance
-        packed, _ = be.quantize_4bit(x.to(device), 64, quant_type)
+        packed, _ = _quantize(device, backend, x, 64, quant_type)
         assert packed.cpu()[-1, 0].item() & 0xF == pad
 
 

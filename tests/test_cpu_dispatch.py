@@ -10,7 +10,7 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels import _extension, cpu_dispatch
-from qlora_kernels.backends import torch as reference
+from qlora_kernels.backends import reference
 
 needs_ext = pytest.mark.skipif(not _extension.EXTENSION_LOADED, reason="compiled extension not built")
 BEST = cpu_dispatch.cpu_isa()

@@ -8,7 +8,7 @@
 // adamw8bit_step_: per block of 256, decode both moments (code[q] * absmax), update them in
 // float32 with the same element update, write the param, and re-encode both moments with
 // the block's new absmax (Encoder8, encode8_cpu.h: qk::encode_sorted256's result from a
-// bucket table), as quantize_8bit does.
+// bucket table), as quantize_8bit does; non-finite moments are stored as 0 (see adamw8bit_block).
 #include <omp.h>
 #include <torch/library.h>
 
@@ -178,14 +178,15 @@ void adamw8bit_block(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, floa
     vbuf[i] = code_v[qv[i]] * av_old;
   }
   adamw_update_n(p, g, mbuf, vbuf, len, s);  // the 32-bit step's element update
+  // A NaN/Inf gradient element makes its own moments non-finite (and its param NaN, as in
+  // the 32-bit step). Those moments are stored as 0 and left out of the block's absmax: a
+  // NaN absmax would decode all 256 moments of the block as NaN on the next step.
   float mmax = 0.0f, vmax = 0.0f;
-  bool nan = false;
   for (int64_t i = 0; i < len; ++i) {
+    if (!std::isfinite(mbuf[i]) || !std::isfinite(vbuf[i])) mbuf[i] = vbuf[i] = 0.0f;
     mmax = std::max(mmax, std::fabs(mbuf[i]));
     vmax = std::max(vmax, std::fabs(vbuf[i]));
-    nan |= (mbuf[i] != mbuf[i]) || (vbuf[i] != vbuf[i]);
   }
-  if (nan) mmax = vmax = NAN;  // as quantize_8bit: a NaN block keeps a NaN absmax
   *am = mmax;
   *av = vmax;
   enc_m.encode_scaled(mbuf, qk::inverse_absmax(mmax), len, qm);

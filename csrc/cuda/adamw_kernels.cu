@@ -59,8 +59,9 @@ __global__ void adamw32_multi_kernel(const __grid_constant__ MultiArgs a) {
 // adamw8bit_kernel: one AdamW step with blockwise 8-bit moments; CUDA block b owns
 // quantization block b (256 elements): decode m = code_m[qm] * absmax_m[b] (v likewise),
 // update in float32, reduce the new absmax of each moment over the block, re-encode with
-// qk::encode_sorted256 against the codes staged in shared memory. A block with NaN keeps a
-// NaN absmax, as quantize_8bit does.
+// qk::encode_sorted256 against the codes staged in shared memory. A non-finite moment (from a
+// NaN/Inf gradient element, whose param turns NaN as in the 32-bit step) is stored as 0 and
+// left out of the absmax, so it never spreads to the other 255 elements of its block.
 // Launch: block 256 threads, grid ceil(n / 256) (one thread per element); 2 KiB shared.
 template <typename T>
 __global__ void adamw8bit_kernel(T* __restrict__ p, const T* __restrict__ g,
@@ -85,8 +86,8 @@ __global__ void adamw8bit_kernel(T* __restrict__ p, const T* __restrict__ g,
     vf = cv[qv[i]] * av_old;
     qk::adamw_update(pf, to_f32(g[i]), mf, vf, s);
     p[i] = from_f32<T>(pf);
+    if (!isfinite(mf) || !isfinite(vf)) mf = vf = 0.0f;
   }
-  // fmaxf drops NaN, so NaN is tracked separately below.
   float am = fabsf(mf), av = fabsf(vf);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -97,7 +98,7 @@ __global__ void adamw8bit_kernel(T* __restrict__ p, const T* __restrict__ g,
     wmax_m[t >> 5] = am;
     wmax_v[t >> 5] = av;
   }
-  const int any_nan = __syncthreads_or(valid && (mf != mf || vf != vf));
+  __syncthreads();
   am = wmax_m[0];
   av = wmax_v[0];
 #pragma unroll
@@ -105,7 +106,6 @@ __global__ void adamw8bit_kernel(T* __restrict__ p, const T* __restrict__ g,
     am = fmaxf(am, wmax_m[w]);
     av = fmaxf(av, wmax_v[w]);
   }
-  if (any_nan) am = av = __int_as_float(0x7fc00000);
   if (t == 0) {
     absmax_m[b] = am;
     absmax_v[b] = av;

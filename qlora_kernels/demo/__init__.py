@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -24,8 +25,8 @@ import time
 import torch
 
 from .data import encode_chat, load_splits, perplexity_tokens, resolve_data_paths
-from .model import (DemoDependencyError, decoder_linear_names, dense_memory_rows, load_model,
-                    quantized_memory_rows, truncate_layers)
+from .model import (DemoDependencyError, check_model_path, decoder_linear_names,
+                    dense_memory_rows, load_model, quantized_memory_rows, truncate_layers)
 from .perplexity import perplexity_table, table_header
 from .report import memory_table, perplexity_markdown, plot_losses, write_json
 from .train import choose_compute_dtype, generate, heldout_loss, train
@@ -85,13 +86,44 @@ def _resolve(args) -> argparse.Namespace:
     a.lr = args.lr if args.lr is not None else q.get("lr", 1e-3)
     a.max_test = q.get("max_test")
     a.gen_tokens = q.get("gen_tokens", 40)
-    if a.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {a.steps}")
+    for name, low in (("steps", 1), ("save_every", 1), ("batch_size", 1), ("seq_len", 2),
+                      ("ppl_tokens", 2), ("r", 1), ("layers", 1)):
+        value = getattr(a, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name, value in (("lr", a.lr), ("lora-alpha", a.lora_alpha)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a finite number > 0, got {value}")
+    if not 0.0 <= a.lora_dropout < 1.0:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {a.lora_dropout}")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device_type = torch.device(a.device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {a.device!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device")
+    _check_out_dir(a.out)
+    check_model_path(a.model)
     return a
+
+
+def _check_out_dir(out: str) -> None:
+    """``--out`` must be a directory we can create or write into: checked before any work,
+    so a bad one never costs a training run."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 def run_demo(args: argparse.Namespace, log=print) -> dict:
@@ -121,6 +153,8 @@ def run_demo(args: argparse.Namespace, log=print) -> dict:
     # ------------------------------------------------------------------ 1. model + memory
     log("[1/5] loading the model")
     model, tok, info = load_model(a.model)
+    if a.layers is not None and a.layers > info["n_layers"]:  # before the perplexity table
+        raise ValueError(f"--layers must be between 1 and {info['n_layers']}, got {a.layers}")
     model.to(device)
     names = decoder_linear_names(model)
     n_lin, mem_rows = dense_memory_rows(model, names)

@@ -60,6 +60,9 @@ def resolve_data_paths(data: Optional[str]) -> Tuple[Path, Path]:
     if not data:
         return default_data_paths()
     parts = [Path(p) for p in data.split(",")]
+    if len(parts) > 2 or not all(str(p) for p in data.split(",")):
+        raise ValueError(f"--data {data}: expected TRAIN.jsonl[,TEST.jsonl] or a directory, "
+                         f"got {len(parts)} comma-separated names")
     if len(parts) == 1 and parts[0].is_dir():
         d = parts[0]
         trains, tests = sorted(d.glob("*train*.jsonl")), sorted(d.glob("*test*.jsonl"))
@@ -98,11 +101,16 @@ def load_jsonl(path) -> List[List[Dict[str, str]]]:
         'ANSWER: hello'
     """
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}, line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}: not UTF-8 text ({exc.reason} at byte "
+                                 f"{exc.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -128,6 +136,9 @@ def load_splits(data: Optional[str]) -> Tuple[list, list]:
         train = [ex for i, ex in enumerate(train) if i % 8 != 7]
     else:
         test = load_jsonl(test_path)
+    if not test:
+        raise ValueError(f"--data {train_path}: {len(train)} examples leave no held-out one "
+                         "(every 8th is held out): give at least 8, or a TEST.jsonl")
     return train, test
 
 

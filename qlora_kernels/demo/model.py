@@ -110,6 +110,54 @@ def _save_cache(lm, tok, target: Path) -> None:
         pass
 
 
+def is_gguf(model) -> bool:
+    """Whether ``--model`` names a GGUF file (by its extension, in any case).
+
+    Example:
+        >>> is_gguf("M.GGUF"), is_gguf("some/dir")
+        (True, False)
+    """
+    return str(model).lower().endswith(".gguf")
+
+
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_model_path(model: Optional[str]) -> None:
+    """``--model`` before anything loads: an existing GGUF file, or a directory holding a
+    ``config.json`` (a JSON object with ``model_type``) and weight files. Raises
+    FileNotFoundError / ValueError naming what is wrong; None (the default model) passes.
+
+    Example:
+        >>> import tempfile
+        >>> check_model_path(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        FileNotFoundError: --model ...: no config.json in the model directory
+    """
+    if model is None:
+        return
+    if is_gguf(model):
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"--model: no such GGUF file {model}")
+        return
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"--model: {model} is neither a .gguf file nor a model "
+                                f"directory (nothing is downloaded)")
+    cfg_file = os.path.join(model, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"--model {model}: no config.json in the model directory")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--model {model}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise ValueError(f"--model {model}: config.json has no \"model_type\" (not a "
+                         "transformers model config)")
+    if not any(next(Path(model).glob(g), None) for g in _WEIGHT_GLOBS):
+        raise FileNotFoundError(f"--model {model}: no weight files (*.safetensors or *.bin)")
+
+
 def load_model(model: Optional[str] = None, dtype: torch.dtype = torch.float32,
                layers: Optional[int] = None, cache: bool = True):
     """Load a causal LM and its tokenizer.
@@ -130,16 +178,12 @@ def load_model(model: Optional[str] = None, dtype: torch.dtype = torch.float32,
     hf_logging.set_verbosity_error()   # notices about the GGUF conversion
     hf_logging.disable_progress_bar()  # (the GGUF conversion's own bar still shows, once)
     t0 = time.perf_counter()
-    if model is None or str(model).endswith(".gguf"):
+    check_model_path(model)
+    if model is None or is_gguf(model):
         path = find_gguf() if model is None else Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"--model: no such GGUF file {path}")
         kw = dict(gguf_file=path.name)
         src, name = str(path.parent), path.name
     else:
-        if not os.path.isdir(model):
-            raise FileNotFoundError(f"--model: {model} is neither a .gguf file nor a model "
-                                    f"directory (nothing is downloaded)")
         kw, src, name = {}, str(model), os.path.basename(os.path.normpath(model))
     cached = _cache_dir(path) if "gguf_file" in kw and cache else None
     hit = cached is not None and (cached / "config.json").is_file()

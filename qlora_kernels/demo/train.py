@@ -239,7 +239,7 @@ def train(model, encoded: list, pad_id: int, steps: int, out_dir: str, lr: float
             progress.update(step, losses[-1], tokens / elapsed, peak_memory_bytes(device))
     except KeyboardInterrupt:
         # Stop between (or inside) steps; the adapter on disk is the last complete save
-        # (save_adapter writes each file to a temporary name and renames it).
+        # (save_adapter writes a new directory and switches to it: one transaction).
         interrupted = True
         progress.close()
     elapsed = time.perf_counter() - t_start

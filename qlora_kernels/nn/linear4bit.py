@@ -38,6 +38,8 @@ class Linear4bit(nn.Module):
     The arguments follow bitsandbytes' ``Linear4bit`` (``compress_statistics`` is accepted
     for ``double_quant``); ``compute_dtype`` comes right before ``quant_type`` here, in
     ``from_linear`` and in ``prepare_model``.
+    The compute dtype must be float32, float16 or bfloat16 (float64 x needs a
+    ``compute_dtype``).
 
     Example:
         >>> import torch, qlora_kernels as qk
@@ -209,11 +211,15 @@ class Linear4bit(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"Linear4bit: input must be floating point, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0:
+            raise ValueError(f"Linear4bit: input has shape (), expected (..., "
+                             f"in_features={self.in_features})")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear4bit: input has last dimension {x.shape[-1]}, expected "
                              f"in_features={self.in_features}")
-        if not x.is_floating_point():
-            raise TypeError(f"Linear4bit: input must be floating point, got {x.dtype}")
         cdt = self.compute_dtype or x.dtype
         bias = self.bias
         if bias is not None and bias.dtype != cdt:

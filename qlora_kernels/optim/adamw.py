@@ -154,12 +154,16 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _step_all(self) -> None:
+        # Every check before any write: a bad param, grad, state or hyperparameter anywhere
+        # (lr set to a negative value after construction included) raises with every
+        # param, moment and step counter as it was.
         names, multi = {}, {}  # per device type, resolved once per step
+        plans, fresh = [], {}
         for group in self.param_groups:
+            _check_hyper(group)
             beta1, beta2 = group["betas"]
             hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                      float(group["weight_decay"]))
-            maximize = bool(group["maximize"])
             batches, others = {}, []  # 32-bit params per device for the multi-tensor op; the rest
             for p in group["params"]:
                 grad = p.grad
@@ -167,9 +171,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state.update(self._init_state(p))
+                state = self.state.get(p) or fresh.setdefault(p, self._init_state(p))
                 dev = p.device.type
                 if dev not in names:
                     names[dev] = self._backend_name(p.device)
@@ -178,14 +180,44 @@ class AdamW(torch.optim.Optimizer):
                     batches.setdefault(p.device, []).append((p, grad, state))
                 else:
                     others.append((p, grad, state))
-            for device, batch in batches.items():
-                self._update_many(device, batch, hyper, maximize)
-            if others:
-                counters = [st["step"] for _, _, st in others]
-                torch._foreach_add_(counters, 1)  # one call, not one tiny op per param
-                steps = [int(c) for c in torch.stack(counters).tolist()]
-                for (p, grad, state), step in zip(others, steps):
-                    self._update(p, grad, state, hyper, step, maximize)
+            steps = [reference.check_step_counter(st["step"], "optimizer state 'step'") + 1
+                     for _, _, st in others]
+            for (p, grad, state), step in zip(others, steps):
+                self._check_update(p, grad, state, hyper, step)
+            plans.append((batches, others, steps, hyper, bool(group["maximize"])))
+        calls = sum(len(b) + bool(o) for b, o, *_ in plans)
+        if calls > 1 or self.paged:
+            # A multi-tensor call checks its whole batch before writing; with more than one
+            # call, a later batch must not fail after an earlier one wrote (~2 us a param).
+            for batches, _, _, hyper, _ in plans:
+                for p, grad, state in itertools.chain.from_iterable(batches.values()):
+                    reference.check_adamw_args(p, grad, state["exp_avg"], state["exp_avg_sq"],
+                                               *hyper[:4], 1)
+        for p, state in fresh.items():
+            self.state[p].update(state)
+        try:
+            for batches, others, steps, hyper, maximize in plans:
+                for device, batch in batches.items():
+                    self._update_many(device, batch, hyper, maximize)
+                if others:
+                    torch._foreach_add_([st["step"] for _, _, st in others], 1)  # one call
+                    for (p, grad, state), step in zip(others, steps):
+                        self._update(p, grad, state, hyper, step, maximize)
+        except Exception:
+            for p in fresh:  # a lone multi-tensor call refused its batch: no new states either
+                self.state.pop(p, None)
+            raise
+
+    def _check_update(self, p, grad, state, hyper, step: int) -> None:
+        """The checks of the op ``_update`` will call, on every backend (writes nothing)."""
+        if "exp_avg_q" in state:
+            reference.check_adamw8bit_args(
+                p, grad, state["exp_avg_q"], state["exp_avg_absmax"], state["exp_avg_sq_q"],
+                state["exp_avg_sq_absmax"], self._code(p.device, True),
+                self._code(p.device, False), *hyper[:4], step)
+        else:
+            reference.check_adamw_args(p, grad, state["exp_avg"], state["exp_avg_sq"],
+                                       *hyper[:4], step)
 
     def _update_many(self, device, batch, hyper, maximize: bool) -> None:
         """Multi-tensor calls for the 32-bit params of one device, step counters included:
@@ -250,22 +282,32 @@ class AdamW(torch.optim.Optimizer):
             True
         """
         groups = state_dict["param_groups"]
-        # torch would cast every floating state to the param's dtype (wrong for float32
-        # state of bf16 params, and for uint8 codes): load the groups only, then the state.
-        super().load_state_dict({"state": {}, "param_groups": groups})
         saved_ids = itertools.chain.from_iterable(g["params"] for g in groups)
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
-        for key, saved in state_dict["state"].items():
-            if key in id_map:
-                p = id_map[key]
-                self.state[p] = self._restore_state(p, saved)
+        restored = {}
+        if [len(g["params"]) for g in groups] == [len(g["params"]) for g in self.param_groups]:
+            # every state checked and rebuilt before anything is replaced (a mismatch of the
+            # groups is torch's error, below)
+            restored = {id_map[key]: self._restore_state(id_map[key], saved)
+                        for key, saved in state_dict["state"].items() if key in id_map}
+        # torch would cast every floating state to the param's dtype (wrong for float32
+        # state of bf16 params, and for uint8 codes): load the groups only, then the state.
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        for p, state in restored.items():
+            self.state[p] = state
 
     def _restore_state(self, p: torch.Tensor, saved: dict) -> dict:
         is8 = "exp_avg_q" in saved
         if not is8 and "exp_avg" not in saved:
             raise ValueError(f"{type(self).__name__}.load_state_dict: state of a param has "
                              f"neither exp_avg nor exp_avg_q (keys {sorted(saved)})")
+        if is8 != self._use_8bit(p):
+            have, want = ("8-bit", "32-bit") if is8 else ("32-bit", "8-bit")
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state of a param of "
+                             f"{p.numel()} elements is {have}, this optimizer keeps {want} state "
+                             f"for it (optim_bits={self.optim_bits}, min_8bit_size="
+                             f"{self.min_8bit_size}); load it into a matching optimizer")
         if saved.get("max_exp_avg_sq") is not None:
             raise ValueError("load_state_dict: the state holds max_exp_avg_sq (amsgrad), "
                              "which this optimizer does not support")
@@ -277,6 +319,7 @@ class AdamW(torch.optim.Optimizer):
                                  f"differs from this optimizer's dynamic map; its moments would "
                                  f"decode wrongly")
         out = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).detach().cpu().clone()}
+        reference.check_step_counter(out["step"], "load_state_dict: 'step'")
         nblocks = -(-p.numel() // BLOCKSIZE)
         expect = ({"exp_avg_q": (p.numel(), torch.uint8), "exp_avg_sq_q": (p.numel(), torch.uint8),
                    "exp_avg_absmax": (nblocks, torch.float32),
@@ -287,6 +330,7 @@ class AdamW(torch.optim.Optimizer):
             if val.numel() != numel:
                 raise ValueError(f"load_state_dict: {key} has {val.numel()} elements, the param "
                                  f"needs {numel} (a state dict of a different model?)")
+            _check_state_values(key, val, dtype)
             shape = (nblocks,) if key.endswith("absmax") else p.shape
             dst = self._zeros(shape, dtype, p.device)
             dst.copy_(val.reshape(shape))  # also moves across devices (GPU <-> CPU)
@@ -383,3 +427,24 @@ def _check_hyper(group: dict) -> None:
         raise ValueError(f"invalid betas: {betas!r} (two values in [0, 1))")
     if not float(group["weight_decay"]) >= 0.0:
         raise ValueError(f"invalid weight_decay: {group['weight_decay']!r} (must be >= 0)")
+
+
+def _check_state_values(key: str, val: torch.Tensor, dtype: torch.dtype) -> None:
+    """A loaded state tensor must hold what ``dtype`` can store without wrapping: codes are
+    whole numbers in [0, 255], absmax values finite and >= 0 (a copy_ would wrap 300 to 44)."""
+    if not isinstance(val, torch.Tensor):
+        raise ValueError(f"load_state_dict: {key} is a {type(val).__name__}, not a tensor")
+    if dtype == torch.uint8:
+        if val.dtype == torch.uint8 or val.numel() == 0:
+            return
+        whole = val.is_floating_point() and bool((val == val.round()).all())
+        whole = whole or (not val.is_floating_point() and not val.is_complex()
+                          and val.dtype != torch.bool)
+        if not (whole and bool((val >= 0).all() & (val <= 255).all())):
+            raise ValueError(f"load_state_dict: {key} ({val.dtype}) holds values that are not "
+                             "8-bit codes (whole numbers in [0, 255])")
+    elif not val.is_floating_point():
+        raise ValueError(f"load_state_dict: {key} must be floating point, got {val.dtype}")
+    elif key.endswith("absmax") and val.numel() and not bool(
+            (torch.isfinite(val) & (val >= 0)).all()):
+        raise ValueError(f"load_state_dict: {key} holds a negative, NaN or Inf scale")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ...formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, encode_thresholds, fp4_rank_to_pattern,
-                        check_blocksize, check_quant_type)
+                        check_blocksize, check_out_dtype, check_quant_type)
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -93,6 +93,7 @@ def dequantize_nested_absmax(qabsmax, nested_absmax, nested_code, offset: float)
 def dequantize_4bit(packed, absmax, code, blocksize: int, numel: int, dtype: torch.dtype,
                     nested_absmax: Optional[torch.Tensor] = None,
                     nested_code: Optional[torch.Tensor] = None, offset: float = 0.0):
+    check_out_dtype(dtype, "dequantize_4bit")
     if nested_absmax is not None:
         absmax = dequantize_nested_absmax(absmax, nested_absmax, nested_code, offset)
     codes = unpack_4bit(packed, numel)
@@ -121,6 +122,7 @@ def quantize_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 
 
 def dequantize_8bit(q, absmax, code, blocksize: int, dtype: torch.dtype):
+    check_out_dtype(dtype, "dequantize_8bit")
     n = q.numel()
     scale = absmax.float().reshape(-1).repeat_interleave(blocksize)[:n]
     return (code.float()[q.reshape(-1).long()] * scale).to(dtype)

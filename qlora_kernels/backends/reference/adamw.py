@@ -43,25 +43,103 @@ def _flat_inplace(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.view(-1)
 
 
-def _check_adamw_args(param, grad, exp_avg, exp_avg_sq, step: int) -> None:
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_state(param, t, dtype, numel: int, op: str, what: str) -> None:
+    if t.device != param.device:
+        raise ValueError(f"{op}: {what} is on {t.device} but param is on {param.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {what} must be {dtype}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{op}: {what} has {t.numel()} elements, expected {numel}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {what} must be contiguous (it is updated in place)")
+
+
+def check_adamw_common(param, grad, lr, beta1, beta2, eps, step, op: str = "adamw_step_") -> None:
+    """The checks of csrc/include/qk_optim_checks.h (check_common) for the reference, so a
+    bad argument fails the same way on every backend: param/grad dtype, size and device,
+    lr, betas and eps ranges, and ``step`` a whole number >= 1.
+
+    Example:
+        >>> import torch
+        >>> check_adamw_common(torch.ones(2), torch.ones(2), -1.0, 0.9, 0.999, 1e-8, 1)
+        Traceback (most recent call last):
+        ValueError: adamw_step_: lr must be >= 0, got -1.0
+    """
+    if param.dtype not in _PARAM_DTYPES:
+        raise ValueError(f"{op}: param must be float32, float16 or bfloat16, got {param.dtype}")
+    if not param.is_contiguous():
+        raise ValueError(f"{op}: param must be contiguous (it is updated in place)")
+    if grad.is_sparse:
+        raise ValueError(f"{op}: sparse gradients are not supported")
+    if grad.dtype != param.dtype:
+        raise ValueError(f"{op}: grad dtype {grad.dtype} differs from param dtype {param.dtype}")
+    if grad.numel() != param.numel():
+        raise ValueError(f"{op}: grad has {grad.numel()} elements, param {param.numel()}")
+    if grad.device != param.device:
+        raise ValueError(f"{op}: grad is on {grad.device} but param is on {param.device}")
+    if not lr >= 0.0:
+        raise ValueError(f"{op}: lr must be >= 0, got {lr}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{op}: {name} must be in [0, 1), got {b}")
+    if not eps >= 0.0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"{op}: step must be an int, got {type(step).__name__} {step!r}")
     if step < 1:
-        raise ValueError(f"adamw_step_: step must be >= 1 (count it before the update), got {step}")
-    if grad.dtype != param.dtype or grad.numel() != param.numel():
-        raise ValueError(f"adamw_step_: grad dtype {grad.dtype} / {grad.numel()} elements differs "
-                         f"from param dtype {param.dtype} / {param.numel()} elements")
+        raise ValueError(f"{op}: step must be >= 1 (count it before the update), got {step}")
+
+
+def check_step_counter(st, what: str) -> int:
+    """The count held by an optimizer step counter (torch's layout: a one-element float32 CPU
+    tensor holding a whole number in [0, 2^24)); ValueError naming ``what`` otherwise.
+
+    Example:
+        >>> import torch
+        >>> check_step_counter(torch.tensor(3.0), "step")
+        3
+    """
+    if not isinstance(st, torch.Tensor) or st.device.type != "cpu" or \
+            st.dtype != torch.float32 or st.numel() != 1:
+        raise ValueError(f"{what} must be a one-element float32 CPU tensor (torch's step "
+                         f"counter), got {getattr(st, 'dtype', type(st).__name__)} with "
+                         f"{getattr(st, 'numel', lambda: '?')()} elements on "
+                         f"{getattr(st, 'device', '?')}")
+    count = float(st)
+    if not (0 <= count < 2 ** 24 and count == int(count)):
+        raise ValueError(f"{what} holds {count}, not a step count (a whole number in [0, 2^24))")
+    return int(count)
+
+
+def check_adamw_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step) -> None:
+    """All checks of one 32-bit ``adamw_step_`` call (writes nothing)."""
+    check_adamw_common(param, grad, lr, beta1, beta2, eps, step)
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if t.dtype != torch.float32 or t.numel() != param.numel():
-            raise ValueError(f"adamw_step_: {name} has {t.numel()} elements, dtype {t.dtype}; "
-                             f"expected float32 with {param.numel()} elements")
-    for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+        _check_state(param, t, torch.float32, param.numel(), "adamw_step_", name)
+
+
+def check_adamw8bit_args(param, grad, qm, absmax_m, qv, absmax_v, code_m, code_v, lr, beta1,
+                         beta2, eps, step) -> None:
+    """All checks of one ``adamw8bit_step_`` call (writes nothing)."""
+    op = "adamw8bit_step_"
+    check_adamw_common(param, grad, lr, beta1, beta2, eps, step, op)
+    n = param.numel()
+    nblocks = -(-n // OPTIM_BLOCKSIZE)
+    for name, t, dtype, numel in (("qm", qm, torch.uint8, n), ("qv", qv, torch.uint8, n),
+                                  ("absmax_m", absmax_m, torch.float32, nblocks),
+                                  ("absmax_v", absmax_v, torch.float32, nblocks),
+                                  ("code_m", code_m, torch.float32, 256),
+                                  ("code_v", code_v, torch.float32, 256)):
+        _check_state(param, t, dtype, numel, op, name)
 
 
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2: float,
                 eps: float, weight_decay: float, step: int, maximize: bool) -> None:
     """One AdamW step in place on param, exp_avg, exp_avg_sq (float32 state)."""
-    _check_adamw_args(param, grad, exp_avg, exp_avg_sq, step)
+    check_adamw_args(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step)
     p_flat = _flat_inplace(param, "param")
     p = p_flat if param.dtype == torch.float32 else p_flat.float()
     g = grad.reshape(-1).float()
@@ -100,16 +178,9 @@ def adamw_step_multi_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr: flo
                          f"{len(exp_avgs)}, {len(exp_avg_sqs)}, {len(state_steps)}")
     counts = []
     for i, st in enumerate(state_steps):  # every check before any write, as the kernel
-        if st.device.type != "cpu" or st.dtype != torch.float32 or st.numel() != 1:
-            raise ValueError(f"adamw_step_multi_: state_steps[{i}] must be a one-element "
-                             f"float32 CPU tensor (torch's step counter), got {st.dtype} with "
-                             f"{st.numel()} elements on {st.device}")
-        count = float(st)
-        if not (0 <= count < 2 ** 24 and count == int(count)):
-            raise ValueError(f"adamw_step_multi_: state_steps[{i}] holds {count}, not a step "
-                             f"count (a whole number in [0, 2^24))")
-        counts.append(int(count) + 1)
-        _check_adamw_args(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], counts[-1])
+        counts.append(check_step_counter(st, f"adamw_step_multi_: state_steps[{i}]") + 1)
+        check_adamw_args(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lr, beta1, beta2, eps,
+                         counts[-1])
     for st, step in zip(state_steps, counts):
         st.fill_(step)
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, counts):
@@ -119,11 +190,21 @@ def adamw_step_multi_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr: flo
 def adamw8bit_step_(param, grad, qm, absmax_m, qv, absmax_v, code_m, code_v, lr: float,
                     beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                     maximize: bool) -> None:
-    """The AdamW step with both moments stored blockwise 8-bit (blocks of 256)."""
+    """The AdamW step with both moments stored blockwise 8-bit (blocks of 256).
+
+    A NaN/Inf gradient element turns its param NaN (as the 32-bit step does); its moments
+    are stored as 0 and left out of the block's absmax, so the other elements of its block
+    keep theirs (a NaN absmax would decode the whole block as NaN on the next step).
+    """
+    check_adamw8bit_args(param, grad, qm, absmax_m, qv, absmax_v, code_m, code_v, lr, beta1,
+                         beta2, eps, step)
     bs = OPTIM_BLOCKSIZE
     m = dequantize_8bit(qm, absmax_m, code_m, bs, torch.float32)
     v = dequantize_8bit(qv, absmax_v, code_v, bs, torch.float32)
     adamw_step_(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, maximize)
+    bad = ~(torch.isfinite(m) & torch.isfinite(v))
+    m.masked_fill_(bad, 0.0)
+    v.masked_fill_(bad, 0.0)
     for new, q, absmax, code in ((m, qm, absmax_m, code_m), (v, qv, absmax_v, code_v)):
         nq, nabsmax = quantize_8bit(new, code, bs)
         q.view(-1).copy_(nq)
