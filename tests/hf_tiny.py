@@ -15,7 +15,10 @@ def tiny_llama(seed: int = 0):
     model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():  # fresh random weights everywhere (no zero or constant tensor)
         for p in model.parameters():
-            p.normal_(0, 0.05)
+            if p.dim() == 1:  # norm scales near 1, else the logits are flat
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0, 0.08)
     return model
 
 
