@@ -167,3 +167,19 @@ def test_quantize_weight_is_the_per_weight_step(rng):
         qkhf.quantize_weight("layer", w.flatten(), cfg)
     with pytest.raises(ValueError, match="layer: .*NaN"):
         qkhf.quantize_weight("layer", torch.full((4, 64), float("nan")), cfg)
+
+
+def test_dequantize_gives_dense_layers(checkpoint):
+    model = load_quantized(checkpoint)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    expected = q_proj.dequantize(torch.float32)
+    x = tokens()
+    with torch.no_grad():
+        ref = model(x).logits
+    model.dequantize()
+    dense = model.model.layers[0].self_attn.q_proj
+    assert type(dense) is torch.nn.Linear and torch.equal(dense.weight, expected)
+    assert not any(isinstance(m, qk.Linear4bit) for m in model.modules())
+    assert not getattr(model.config, "quantization_config", None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=1e-5)

@@ -256,6 +256,19 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return True
 
+    def _dequantize(self, model, dtype=None):
+        # model.dequantize(): each Linear4bit becomes a dense nn.Linear (one rounding)
+        for name, lin in list(model.named_modules()):
+            if isinstance(lin, Linear4bit):
+                dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  device=lin.weight.device, dtype=dtype or lin.weight_dtype)
+                with torch.no_grad():
+                    dense.weight.copy_(lin.dequantize(torch.float32))
+                    if lin.bias is not None:
+                        dense.bias.copy_(lin.bias)
+                model.set_submodule(name, dense)
+        return model
+
     def get_quantize_ops(self):
         return QuantizeOnLoad(self)
 
