@@ -30,9 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["qlora_kernels", "bitsandbytes"], default="qlora_kernels")
     p.add_argument("--model", default=None, help="transformers model directory "
                    "(default: the demo's SmolLM2-135M-Instruct, converted from its GGUF once)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
