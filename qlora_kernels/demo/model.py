@@ -209,6 +209,25 @@ def load_model(model: Optional[str] = None, dtype: torch.dtype = torch.float32,
     return lm, tok, info
 
 
+def converted_model_dir(gguf: Optional[str] = None) -> Path:
+    """The transformers model directory of a GGUF model (default: the demo's), converted and
+    cached on first use, for code that calls ``from_pretrained`` itself (e.g. with a
+    quantization config).
+
+    Example:
+        >>> converted_model_dir().joinpath("config.json").is_file()   # doctest: +SKIP
+        True
+    """
+    path = find_gguf() if gguf is None else Path(gguf)
+    cached = _cache_dir(path)
+    if not (cached / "config.json").is_file():
+        load_model(str(path))
+    if not (cached / "config.json").is_file():
+        raise OSError(f"could not write the converted model to {cached} "
+                      f"(set QLORA_KERNELS_CACHE to a writable directory)")
+    return cached
+
+
 def truncate_layers(model: nn.Module, n: int) -> None:
     """Keep the first ``n`` decoder layers of a LLaMA-style model (``model.model.layers``).
 
