@@ -34,6 +34,9 @@ def _opcheck_cases(rng):
     pw, aw = torch.ops.qlora_kernels.quantize_4bit(torch.randn(9, 37, generator=rng), bs, "fp4")
     fp4 = qlora_kernels.get_4bit_code("fp4")
     m = 515  # two 8-bit blocks of 256 and a partial one
+    pc, ac = torch.ops.qlora_kernels.quantize_4bit(torch.randn(5, 256, generator=rng), bs, "nf4")
+    offc = ac.mean().item()
+    q8c, s8c = torch.ops.qlora_kernels.quantize_8bit(ac - offc, fp8, 256)
 
     def adam_state():
         return (torch.randn(m, generator=rng), torch.randn(m, generator=rng),
@@ -66,6 +69,12 @@ def _opcheck_cases(rng):
         "managed_prefetch_": [([torch.randn(7, generator=rng)], -1)],
         "is_managed": [(torch.randn(7, generator=rng),)],
         "format_table": [("nf4",)],
+        # columns 64..191 of a 5 x 256 weight (whole blocks), nested scales
+        "dequantize_4bit_cols_out": [(pc, q8c, code, bs, s8c, fp8, offc, 256, 64,
+                                      torch.empty(5, 128, dtype=torch.bfloat16))],
+        "cpu_features": [()],
+        "cpu_isa": [()],
+        "set_cpu_isa": [(-1,)],  # -1: the best path, which is already in force
     }
 
 
@@ -79,10 +88,11 @@ def test_opcheck_every_op(name, rng):
         pytest.skip("managed_empty allocates CUDA unified memory: needs the CUDA build and a GPU")
     cases = _opcheck_cases(rng)
     assert set(cases) == set(SCHEMAS) | {"format_table"}
-    # format_table takes no tensor and returns a constant CPU table for the tests: there is
-    # no fake tensor to trace it with, so it gets the schema and autograd checks only
-    utils = (("test_schema", "test_autograd_registration") if name == "format_table"
-             else "ALL")
+    # these take no tensor (format_table returns a constant CPU table for the tests, the
+    # cpu_* ops read or set the CPU path): there is no fake tensor to trace them with, so
+    # they get the schema and autograd checks only
+    tensorless = ("format_table", "cpu_features", "cpu_isa", "set_cpu_isa")
+    utils = ("test_schema", "test_autograd_registration") if name in tensorless else "ALL"
     for args in cases[name]:
         torch.library.opcheck(getattr(torch.ops.qlora_kernels, name).default, args,
                               test_utils=utils)

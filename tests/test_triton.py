@@ -279,16 +279,16 @@ def test_matmul_4bit_bias_is_rounded_once(dtype, rng, monkeypatch):
     want = exact.to(dtype)
     rounded_twice = ((x.float() @ Wd.T).to(dtype).float() + bias).to(dtype)
     assert not torch.equal(want, rounded_twice)  # the data tells the two apart
-    got = tb.matmul_4bit(x, packed, st.absmax, st.code, bs, N, K, bias=bias)
+    got = tb.matmul_4bit_triton(x, packed, st.absmax, st.code, bs, N, K, bias=bias)
     assert torch.equal(got, want)
     # through the op: the GEMM branch (M above the GEMV threshold) hands the bias to Triton
-    monkeypatch.setattr(mm, "_triton_backend", lambda device: tb)
+    monkeypatch.setattr(mm, "_triton_gemm", lambda device: tb.matmul_4bit_triton)
     monkeypatch.setenv("QLORA_KERNELS_GEMV_MAX_ROWS", "1")
     got = torch.ops.qlora_kernels.matmul_4bit(x, packed, st.absmax, st.code, bs, N, None,
                                               None, 0.0, bias.to(dtype))
     assert torch.equal(got, (x.float() @ Wd.T + bias.to(dtype).float()).to(dtype))
     with pytest.raises(ValueError, match="bias"):
-        tb.matmul_4bit(x, packed, st.absmax, st.code, bs, N, K, bias=bias[:-1])
+        tb.matmul_4bit_triton(x, packed, st.absmax, st.code, bs, N, K, bias=bias[:-1])
 
 
 # --- through the public API ---------------------------------------------------------------

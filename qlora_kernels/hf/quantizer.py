@@ -28,8 +28,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..formats import QUANT_TYPES, check_blocksize, check_quant_type
 from ..functional import quantize_4bit
 from ..nn import Linear4bit
-from ..nn.linear4bit import _STATE_BUFFERS, _check_storage, storage_to_packed
-from ..quant_state import QuantState
+from ..packed_storage import check_storage, storage_to_packed
+from ..quant_state import STATE_TENSOR_KEYS, QuantState
 
 QUANT_METHOD = "qlora_kernels"
 _PACKED_KEY = "weight.quant_state.bitsandbytes__"
@@ -81,7 +81,7 @@ class QuantizationConfig(QuantizationConfigMixin):
             raise ValueError(f"QuantizationConfig: compute_dtype must be floating point, "
                              f"got {self.compute_dtype}")
         self.blocksize = check_blocksize(blocksize)
-        self.quant_storage = _check_storage(_dtype(quant_storage, "quant_storage"))
+        self.quant_storage = check_storage(_dtype(quant_storage, "quant_storage"))
         self.skip_modules = None if skip_modules is None else list(skip_modules)
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
@@ -163,7 +163,7 @@ def _finish_layer(model: nn.Module, module_name: str, new: Linear4bit, missing_k
     # from_pretrained refills every non-persistent buffer with torch.empty_like after loading
     # (they are not in checkpoints, for most modules); the quantization state is, and
     # Linear4bit's own state-dict hooks save and load it, so it must not be refilled.
-    new._non_persistent_buffers_set.difference_update(_STATE_BUFFERS)
+    new._non_persistent_buffers_set.difference_update(STATE_TENSOR_KEYS)
     model.set_submodule(module_name, new)
     if missing_keys is not None:
         for key in [k for k in missing_keys if k.startswith(module_name + ".weight")]:
