@@ -10,6 +10,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 import qlora_kernels as qk  # noqa: E402
 import qlora_kernels.hf  # noqa: E402,F401
+
+if peft.__version__ not in qlora_kernels.hf.KNOWN_PEFT_VERSIONS:  # the shim stays out (one warning)
+    pytest.skip(f"peft {peft.__version__}: the PEFT shim is checked against "
+                f"{qlora_kernels.hf.KNOWN_PEFT_VERSIONS}", allow_module_level=True)
 from hf_tiny import VOCAB, load_quantized, save_tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
