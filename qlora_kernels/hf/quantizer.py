@@ -246,7 +246,20 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
                           "loads unquantized", UserWarning, stacklevel=2)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        model.is_loaded_in_4bit = True
+        model.is_loaded_in_4bit = True  # PEFT's k-bit preparation keys on it
+        # transformers' num_parameters (Trainer calls it every step) reads that flag as
+        # "bitsandbytes is loaded" and imports bitsandbytes: count without the flag.
+        original = type(model).num_parameters
+
+        def num_parameters(only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+            model.is_loaded_in_4bit = False
+            try:
+                return original(model, only_trainable=only_trainable,
+                                exclude_embeddings=exclude_embeddings)
+            finally:
+                model.is_loaded_in_4bit = True
+
+        model.num_parameters = num_parameters
         return model
 
     def is_serializable(self) -> bool:
