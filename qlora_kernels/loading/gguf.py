@@ -61,7 +61,7 @@ def from_gguf(path: str, *, compute_dtype="auto", device="cpu", **kwargs):
         raise CheckpointError(f"{path}: not a readable GGUF model: {exc}") from exc
     progress, verbose = kwargs.pop("progress"), kwargs.pop("verbose")
     spec = QuantSpec(kwargs.pop("quant_type"), kwargs.pop("blocksize"), kwargs.pop("double_quant"),
-                     kwargs.pop("dq_code"), resolve_compute_dtype(compute_dtype, config, device),
+                     kwargs.pop("dq_code"), resolve_compute_dtype(compute_dtype, device),
                      device)
     target_modules, skip_modules = kwargs.pop("target_modules"), kwargs.pop("skip_modules")
     model = _build_empty(config, path, spec.compute_dtype)

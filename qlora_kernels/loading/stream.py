@@ -129,27 +129,28 @@ def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- planning
-def resolve_compute_dtype(compute_dtype, config, device) -> torch.dtype:
-    """``"auto"``: what it means everywhere (``qlora_kernels.compute_dtype``: bf16 on CUDA and
-    on CPUs with native bf16, else float32), fp16 on a CUDA device without bf16. A dtype or
-    its name is taken as given.
+def resolve_compute_dtype(compute_dtype, device) -> torch.dtype:
+    """The loader's compute dtype: a dtype name is read as that dtype, then
+    ``qlora_kernels.compute_dtype.resolve_compute_dtype`` checks it or resolves ``"auto"``
+    (bf16 on CUDA and on CPUs with native bf16, else float32); fp16 on a CUDA device
+    without bf16.
 
     Example:
-        >>> resolve_compute_dtype("float32", None, "cpu")
+        >>> resolve_compute_dtype("float32", "cpu")
         torch.float32
     """
-    if isinstance(compute_dtype, torch.dtype):
-        return compute_dtype
-    if compute_dtype != "auto":
+    from ..compute_dtype import resolve_compute_dtype as resolve_checked
+
+    if isinstance(compute_dtype, str) and compute_dtype != "auto":
         if compute_dtype not in _DTYPE_NAMES:
             raise ValueError(f"compute_dtype must be 'auto', a torch dtype or one of "
                              f"{sorted(_DTYPE_NAMES)}, got {compute_dtype!r}")
-        return _DTYPE_NAMES[compute_dtype]
-    from ..compute_dtype import resolve_compute_dtype as resolve_auto
-
-    dt = resolve_auto("auto", device)
-    dev = torch.device(device)
-    if dt == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        compute_dtype = _DTYPE_NAMES[compute_dtype]
+    if compute_dtype is None:
+        raise ValueError("compute_dtype must be 'auto' or a dtype for a loaded model, got None")
+    dt = resolve_checked(compute_dtype, device)
+    if dt == torch.bfloat16 and torch.device(device).type == "cuda" \
+            and not torch.cuda.is_bf16_supported():
         dt = torch.float16
     return dt
 
@@ -324,7 +325,7 @@ def from_pretrained(path, *, quant_type: str = "nf4", double_quant: bool = True,
             compute_dtype = bnb["compute_dtype"]
     ckpt = open_checkpoint(path)
     spec = QuantSpec(quant_type, blocksize, double_quant, dq_code,
-                     resolve_compute_dtype(compute_dtype, config, device), device)
+                     resolve_compute_dtype(compute_dtype, device), device)
     model = _build_empty(config, config_path, spec.compute_dtype)
     plan = _plan(model, ckpt, bnb is not None, target_modules, skip_modules)
     return _load(model, ckpt, plan, spec, progress, verbose, prepare_kwargs)
