@@ -16,18 +16,12 @@ import torch
 
 from . import ops  # noqa: F401  (registers fakes and fallbacks)
 from .backends import backend_for_call
-from .formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, check_blocksize, check_out_dtype,
-                      check_quant_type, get_4bit_code, get_dq_code)
+from .formats import (NESTED_BLOCKSIZE, check_blocksize, check_out_dtype, check_quant_type,
+                      get_4bit_code, get_dq_code)
+from .op_checks import check_float_input
 from .aliases import pick
 from .packed_storage import packed_to_storage, storage_to_packed
 from .quant_state import QuantState
-
-
-def _check_float_input(A: torch.Tensor, what: str) -> None:
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"{what}: expected a tensor, got {type(A).__name__}")
-    if A.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what}: input must be float32, float16 or bfloat16, got {A.dtype}")
 
 
 def _raise_if_not_finite(absmax: torch.Tensor, blocksize: int, what: str) -> None:
@@ -51,7 +45,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None, blo
         >>> q.dtype, absmax.shape
         (torch.uint8, torch.Size([4]))
     """
-    _check_float_input(A, "quantize_blockwise")
+    check_float_input(A, "quantize_blockwise")
     code = get_dq_code("dynamic" if code is None else code).to(A.device)
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
@@ -125,7 +119,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     """
     double_quant = pick("double_quant", double_quant, "compress_statistics", compress_statistics,
                         default=True)
-    _check_float_input(A, "quantize_4bit")
+    check_float_input(A, "quantize_4bit")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     with backend_for_call(A.device, backend):

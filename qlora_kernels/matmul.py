@@ -5,11 +5,14 @@ picks a path by shape and device:
 
 * GEMV (few rows of x, e.g. token-by-token generation): the fused kernel that streams the
   packed weight once (``gemv_4bit``: AVX2 on the CPU, CUDA on GPUs).
-* GEMM (training, prefill): on GPUs the Triton kernel that dequantizes tiles of W in
-  registers; on the CPU, W is dequantized to float32 a tile of rows at a time (about 4 MB,
-  reused) and each tile feeds the dense float32 GEMM (float32 is the fastest correct path
-  on AVX2 CPUs without native bf16); the result is rounded to the input dtype. Tiling
-  keeps the transient memory small and avoids re-faulting a fresh full-size buffer.
+* GEMM (training, prefill): W is dequantized into the GEMM dtype and fed to torch's dense
+  GEMM. On the CPU a tile of rows at a time (about 4 MB, reused: small transient memory, no
+  re-faulting of a fresh full-size buffer), in bf16 where the CPU computes bf16 natively and
+  float32 otherwise (a bf16 GEMM on an AVX2-only CPU runs at a fraction of float32 speed);
+  on GPUs the whole W at once into x's dtype, for cuBLAS (the CUDA dequantize of a
+  14336x4096 weight costs less than a third of a 2048-row bf16 GEMM on it, while the Triton
+  GEMM that dequantizes in registers measured 10-27x dense there: benchmarks/README.md,
+  GPU). The Triton GEMM serves the op when the Triton backend is selected.
 
 The row thresholds come from ``benchmarks/bench_matmul.py`` (see benchmarks/README.md);
 override them with ``set_gemv_max_rows`` or the environment variable
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 
 from . import _extension, cpu_dispatch, ops  # noqa: F401
 from .formats import FLOAT_DTYPES
+from .op_checks import check_4bit_weight
 from .quant_state import QuantState
 
 # Largest number of rows of x that takes the GEMV path, per device type, and per
@@ -96,9 +100,24 @@ def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
 # Bytes of W dequantized per CPU GEMM tile (4 MB), and at least this many rows (forward) or
 # columns (backward) per tile: each tile's GEMM streams all of x (forward) or grad_y
 # (backward) once more, so thin tiles of a wide W cost (4096x11008 at 512 rows, float32:
-# 64-row tiles 1.22x dense, 256-row 1.0x).
+# 64-row tiles 1.22x dense, 256-row 1.0x). GPUs take W whole (one dequantize, one GEMM).
 TILE_BYTES = 4 << 20
 MIN_TILE_ROWS = 256
+
+
+def _tile_bytes(device: torch.device) -> int:
+    return TILE_BYTES if device.type == "cpu" else 1 << 62
+
+
+def gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMM path dequantizes W into and runs the dense GEMM in, for x: x's own
+    on GPUs; on the CPU ``cpu_gemm_dtype(x.dtype)``.
+
+    Example:
+        >>> gemm_dtype(torch.ones(1))
+        torch.float32
+    """
+    return cpu_gemm_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
 
 
 def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,18 +135,19 @@ def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def _tile_len(other: int, esize: int, step: int) -> int:
+def _tile_len(other: int, esize: int, step: int, tile_bytes: Optional[int] = None) -> int:
     """Rows (or columns) per tile of W for ``other`` columns (rows) of ``esize``-byte
     elements, a multiple of ``step``."""
-    n = max(TILE_BYTES // esize // max(other, 1), MIN_TILE_ROWS)
+    n = max((tile_bytes or TILE_BYTES) // esize // max(other, 1), MIN_TILE_ROWS)
     return max(step, n // step * step)
 
 
-def _row_tiles(n: int, k: int, blocksize: int, nested: bool, esize: int = 4):
+def _row_tiles(n: int, k: int, blocksize: int, nested: bool, esize: int = 4,
+               tile_bytes: Optional[int] = None):
     """Row ranges of W whose flat start is aligned to a block (and to a 256-block group of
     the nested scales), so each tile's bytes, absmax and nested scales are plain slices."""
     align = blocksize * (256 if nested else 1)
-    rows = _tile_len(k, esize, align // math.gcd(k, align))  # rows per aligned unit
+    rows = _tile_len(k, esize, align // math.gcd(k, align), tile_bytes)  # rows per aligned unit
     return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
 
 
@@ -135,7 +155,8 @@ def _dequantize_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nest
                       dtype=torch.float32):
     """Yield (r0, r1, W[r0:r1] in ``dtype``) tiles, reusing one buffer."""
     flat = packed.reshape(-1)
-    tiles = _row_tiles(n, k, blocksize, nested_absmax is not None, dtype.itemsize)
+    tiles = _row_tiles(n, k, blocksize, nested_absmax is not None, dtype.itemsize,
+                       _tile_bytes(packed.device))
     buf = torch.empty((tiles[0][1] - tiles[0][0]) * k, dtype=dtype, device=packed.device)
     for r0, r1 in tiles:
         e0, e1 = r0 * k, r1 * k
@@ -153,7 +174,7 @@ def _dequantize_col_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, 
                           offset, dtype):
     """Yield (c0, c1, W[:, c0:c1] in ``dtype``) tiles (k a multiple of the blocksize), so
     each column range of grad_x is one GEMM: rounded once, never accumulated across tiles."""
-    cols = _tile_len(n, dtype.itemsize, blocksize)
+    cols = _tile_len(n, dtype.itemsize, blocksize, _tile_bytes(packed.device))
     buf = torch.empty(n * min(cols, k), dtype=dtype, device=packed.device)
     for c0 in range(0, k, cols):
         c1 = min(k, c0 + cols)
@@ -161,17 +182,6 @@ def _dequantize_col_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, 
         torch.ops.qlora_kernels.dequantize_4bit_cols_out(packed, absmax, code, blocksize,
                                                          nested_absmax, nested_code, offset, k, c0, w)
         yield c0, c1, w
-
-
-def _triton_gemm(device: torch.device):
-    """The Triton GEMM for CUDA tensors (the CUDA build has no GEMM kernel of its own)."""
-    if device.type != "cuda":
-        return None
-    try:
-        from .triton import matmul_4bit_triton
-    except Exception:
-        return None
-    return matmul_4bit_triton
 
 
 def check_matmul_input(x, bias=None, what: str = "matmul_4bit") -> None:
@@ -217,24 +227,20 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
                                               nested_absmax, nested_code, offset, bias)
         return y.view(*x.shape[:-1], out_features)
     else:
-        gemm = _triton_gemm(x.device)
-        if gemm is not None:
-            # bias added in the kernel's float32 sum: rounded once to x.dtype
-            y = gemm(x2, packed, absmax, code, blocksize, out_features, k,
-                     nested_absmax, nested_code, offset, bias=bias)
-        else:
-            # W dequantized a tile at a time straight into the GEMM dtype; each tile's GEMM
-            # writes its own columns of y (rounded once, bias included: addmm).
-            gd = cpu_gemm_dtype(x.dtype) if x.device.type == "cpu" else torch.float32
-            xg = x2.to(gd)
-            y = torch.empty(m, out_features, dtype=gd, device=x.device)
-            bg = None if bias is None else bias.to(gd)
-            for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, out_features, k,
-                                               nested_absmax, nested_code, offset, gd):
-                if bg is None:
-                    torch.mm(xg, w.T, out=y[:, r0:r1])
-                else:
-                    torch.addmm(bg[r0:r1], xg, w.T, out=y[:, r0:r1])
+        check_4bit_weight("matmul_4bit", packed, absmax, code, blocksize, out_features * k,
+                          nested_absmax, nested_code)
+        # W dequantized a tile at a time straight into the GEMM dtype; each tile's GEMM
+        # writes its own columns of y (rounded once, bias included: addmm).
+        gd = gemm_dtype(x)
+        xg = x2.to(gd)
+        y = torch.empty(m, out_features, dtype=gd, device=x.device)
+        bg = None if bias is None else bias.to(gd)
+        for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, out_features, k,
+                                           nested_absmax, nested_code, offset, gd):
+            if bg is None:
+                torch.mm(xg, w.T, out=y[:, r0:r1])
+            else:
+                torch.addmm(bg[r0:r1], xg, w.T, out=y[:, r0:r1])
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
@@ -242,14 +248,12 @@ def _matmul_4bit_backward_impl(grad_y, packed, absmax, code, blocksize, in_featu
                                nested_absmax=None, nested_code=None, offset=0.0):
     n = grad_y.shape[-1]
     g2 = grad_y.reshape(math.prod(grad_y.shape[:-1]), n)
-    gemm = _triton_gemm(grad_y.device)
+    check_4bit_weight("matmul_4bit_backward", packed, absmax, code, blocksize, n * in_features,
+                      nested_absmax, nested_code)
     if g2.shape[0] == 0 or n == 0 or in_features == 0:
         gx = torch.zeros(g2.shape[0], in_features, dtype=torch.float32, device=grad_y.device)
-    elif gemm is not None:
-        gx = gemm(g2, packed, absmax, code, blocksize, n, in_features, nested_absmax,
-                            nested_code, offset, transpose_w=True)
     else:
-        gd = cpu_gemm_dtype(g2.dtype) if g2.device.type == "cpu" else torch.float32
+        gd = gemm_dtype(g2)
         gg = g2.to(gd)
         if in_features % blocksize == 0:
             gx = torch.empty(g2.shape[0], in_features, dtype=gd, device=grad_y.device)

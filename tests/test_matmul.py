@@ -183,6 +183,16 @@ def test_cpu_gemm_tiles_cover_every_row(shape, double_quant, rng, monkeypatch):
     _close(x.grad, g @ w, torch.float32)
 
 
+def test_gpu_gemm_dequantizes_w_whole_into_x_dtype():
+    # GPUs: one dequantize of all of W into x's dtype, then one cuBLAS GEMM (no tiles)
+    cuda = torch.device("cuda")
+    for n, k, nested in ((4096, 11008, True), (77, 333, True), (1000, 96, False)):
+        assert mm._row_tiles(n, k, 64, nested, 2, mm._tile_bytes(cuda)) == [(0, n)]
+        assert mm._tile_len(n, 2, 64, mm._tile_bytes(cuda)) >= k
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert mm.gemm_dtype(torch.empty(2, 3, dtype=dtype, device="meta")) == dtype
+
+
 def test_cpu_gemm_tiles_are_not_thin():
     # a wide W (large K) still gets tiles of at least MIN_TILE_ROWS rows
     for n, k in ((4096, 11008), (4096, 14336), (4096, 4096)):

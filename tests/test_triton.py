@@ -149,7 +149,7 @@ def test_dequantize_4bit_bad_arguments(rng):
         tb.dequantize_4bit(p, a.to(torch.uint8), code, 64, 100, torch.float32)
     with pytest.raises(ValueError, match="go together"):
         tb.dequantize_4bit(p, a, code, 64, 100, torch.float32, nested_absmax=a)
-    with pytest.raises(TypeError, match="output dtype"):
+    with pytest.raises(TypeError, match="dtype must be"):
         tb.dequantize_4bit(p, a, code, 64, 100, torch.int32)
     with pytest.raises(ValueError, match="contiguous"):
         tb.dequantize_4bit_out(p, a, code, 64, None, None, 0.0,
@@ -263,10 +263,9 @@ def test_matmul_4bit_leading_dims_and_errors(rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matmul_4bit_bias_is_rounded_once(dtype, rng, monkeypatch):
+def test_matmul_4bit_bias_is_rounded_once(dtype, rng):
     # one nonzero x per row makes the float32 sum exact, so the only roundings are the
     # ones under test: (x @ W^T + bias) rounded once to dtype, as the GEMV and CPU paths do
-    from qlora_kernels import matmul as mm
     N, K, bs, M = 96, 64, 64, 40
     W = torch.randn(N, K, generator=rng).to(DEV)
     packed, st = qk.quantize_4bit(W, bs, "nf4", double_quant=False, backend="torch")
@@ -281,11 +280,10 @@ def test_matmul_4bit_bias_is_rounded_once(dtype, rng, monkeypatch):
     assert not torch.equal(want, rounded_twice)  # the data tells the two apart
     got = tb.matmul_4bit_triton(x, packed, st.absmax, st.code, bs, N, K, bias=bias)
     assert torch.equal(got, want)
-    # through the op: the GEMM branch (M above the GEMV threshold) hands the bias to Triton
-    monkeypatch.setattr(mm, "_triton_gemm", lambda device: tb.matmul_4bit_triton)
-    monkeypatch.setenv("QLORA_KERNELS_GEMV_MAX_ROWS", "1")
-    got = torch.ops.qlora_kernels.matmul_4bit(x, packed, st.absmax, st.code, bs, N, None,
-                                              None, 0.0, bias.to(dtype))
+    # through the op with Triton selected: the bias goes into the kernel's float32 sum
+    with qk.use_backend("triton"):
+        got = torch.ops.qlora_kernels.matmul_4bit(x, packed, st.absmax, st.code, bs, N, None,
+                                                  None, 0.0, bias.to(dtype))
     assert torch.equal(got, (x.float() @ Wd.T + bias.to(dtype).float()).to(dtype))
     with pytest.raises(ValueError, match="bias"):
         tb.matmul_4bit_triton(x, packed, st.absmax, st.code, bs, N, K, bias=bias[:-1])

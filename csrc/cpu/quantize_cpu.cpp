@@ -439,7 +439,7 @@ void check_dequant_args(const at::Tensor& packed, const at::Tensor& absmax, cons
   qk_checks::check_4bit_weight("dequantize_4bit", packed, absmax, code, blocksize, numel,
                                nested_absmax, nested_code);
   TORCH_CHECK(qk_checks::is_float_dtype(dtype),
-              "dequantize_4bit: output dtype must be float32, float16 or bfloat16, got ", dtype);
+              "dequantize_4bit: dtype must be float32, float16 or bfloat16, got ", dtype);
 }
 
 // Calls f(Packed4) with the contiguous tensors' pointers (kept alive for the call).

@@ -2,7 +2,7 @@
 // by the CPU kernels (csrc/cpu) and the CUDA bindings (csrc/cuda/*_binding.cpp) so that every
 // device rejects bad input before any work, with the same messages. Device placement is the
 // CUDA bindings' own check. The Python mirror for Triton and the reference is
-// qlora_kernels/triton/_common.py (check_dequant_4bit_args). Needs ATen, unlike qk_format.h.
+// qlora_kernels/op_checks.py (check_4bit_weight). Needs ATen, unlike qk_format.h.
 #pragma once
 #include <ATen/ATen.h>
 

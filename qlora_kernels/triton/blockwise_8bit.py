@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import FLOAT_DTYPES
-from ._common import (check_code, check_float_input, check_same_device, next_pow2, on_device,
-                      tile_elements)
+from ..op_checks import check_dequantize_8bit_args, check_quantize_8bit_args
+from ._common import next_pow2, on_device, tile_elements
 from .dequantize_4bit import cast_rn
 from .quantize_4bit import inverse_absmax
 
@@ -95,11 +94,7 @@ def quantize_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
         >>> q.dtype, absmax.shape                                         # doctest: +SKIP
         (torch.uint8, torch.Size([3]))
     """
-    check_float_input(A, "quantize_8bit")
-    if blocksize <= 0:
-        raise ValueError(f"quantize_8bit: blocksize must be positive, got {blocksize}")
-    check_code(code, 256, "quantize_8bit")
-    check_same_device("quantize_8bit", A, code)
+    check_quantize_8bit_args(A, code, blocksize)
     x = A.reshape(-1).contiguous()
     n = x.numel()
     nblocks = -(-n // blocksize)
@@ -124,18 +119,8 @@ def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
         >>> dequantize_8bit(q, absmax, dynamic_map(), 4, torch.float16).shape  # doctest: +SKIP
         torch.Size([10])
     """
-    if q.dtype != torch.uint8:
-        raise TypeError(f"dequantize_8bit: q must be uint8, got {q.dtype}")
-    if blocksize <= 0:
-        raise ValueError(f"dequantize_8bit: blocksize must be positive, got {blocksize}")
+    check_dequantize_8bit_args(q, absmax, code, blocksize, dtype)
     n = q.numel()
-    if absmax.dtype != torch.float32 or absmax.numel() != -(-n // blocksize):
-        raise ValueError("dequantize_8bit: absmax must be float32 with ceil(numel / blocksize) "
-                         "entries")
-    check_code(code, 256, "dequantize_8bit")
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dequantize_8bit: dtype must be float32, float16 or bfloat16, got {dtype}")
-    check_same_device("dequantize_8bit", q, absmax, code)
     out = torch.empty(n, dtype=dtype, device=q.device)
     if n == 0:
         return out

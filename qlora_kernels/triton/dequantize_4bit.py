@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import FLOAT_DTYPES
-from ._common import check_dequant_4bit_args, flat, on_device, tile_elements
+from ..formats import check_out_dtype
+from ..op_checks import check_4bit_weight
+from ._common import flat, on_device, tile_elements
 
 _BYTES = 1024  # packed bytes per program on a GPU
 
@@ -102,8 +103,9 @@ def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, code: torch.
         >>> dequantize_4bit_out(p, a, get_4bit_code("nf4"), 64, None, None, 0.0, out)  # doctest: +SKIP
     """
     numel = out.numel()
-    check_dequant_4bit_args(packed, absmax, code, blocksize, numel, out.dtype,
-                            nested_absmax, nested_code)
+    check_out_dtype(out.dtype, "dequantize_4bit")
+    check_4bit_weight("dequantize_4bit", packed, absmax, code, blocksize, numel,
+                      nested_absmax, nested_code)
     if not out.is_contiguous():
         raise ValueError("dequantize_4bit: out must be contiguous")
     if out.device != packed.device:
@@ -132,9 +134,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         >>> dequantize_4bit(p, a, get_4bit_code("nf4"), 64, 100, torch.float32).shape  # doctest: +SKIP
         torch.Size([100])
     """
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError("dequantize_4bit: output dtype must be float32, float16 or bfloat16, "
-                        f"got {dtype}")
+    check_out_dtype(dtype, "dequantize_4bit")
     if numel < 0:
         raise ValueError(f"dequantize_4bit: numel must be >= 0, got {numel}")
     out = torch.empty(int(numel), dtype=dtype, device=packed.device)

@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FLOAT_DTYPES, check_dequant_4bit_args, flat, interpreting, next_pow2,
-                      on_device)
+from ..formats import FLOAT_DTYPES
+from ..op_checks import check_4bit_weight
+from ._common import flat, interpreting, next_pow2, on_device
 from .dequantize_4bit import cast_rn, load_absmax
 
 
@@ -192,8 +193,8 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
     if x.dim() == 0 or x.shape[-1] != red:
         raise ValueError(f"matmul_4bit: x has shape {tuple(x.shape)}, its last dim must be "
                          f"{red} ({'N' if transpose_w else 'K'} of the ({N}, {K}) weight)")
-    check_dequant_4bit_args(packed, absmax, code, blocksize, N * K, x.dtype,
-                            nested_absmax, nested_code)
+    check_4bit_weight("matmul_4bit", packed, absmax, code, blocksize, N * K,
+                      nested_absmax, nested_code)
     if x.device != packed.device:
         raise ValueError(f"matmul_4bit: x is on {x.device} but the weight on {packed.device}")
     if bias is not None:

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ..formats import check_blocksize, check_quant_type, encode_thresholds
-from ._common import check_float_input, on_device, tile_elements
+from ..op_checks import check_float_input
+from ._common import on_device, tile_elements
 
 _QT = {"nf4": 0, "fp4": 1, "int4": 2}
 # Elements one program holds on a GPU: enough to amortize the launch without spilling.

@@ -22,8 +22,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...formats import (FLOAT_DTYPES, NESTED_BLOCKSIZE, encode_thresholds, fp4_rank_to_pattern,
+from ...formats import (NESTED_BLOCKSIZE, encode_thresholds, fp4_rank_to_pattern,
                         check_blocksize, check_out_dtype, check_quant_type)
+from ...op_checks import (check_4bit_weight, check_dequantize_8bit_args, check_float_input,
+                          check_quantize_8bit_args)
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -70,8 +72,7 @@ def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    if A.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"quantize_4bit: input must be float32, float16 or bfloat16, got {A.dtype}")
+    check_float_input(A, "quantize_4bit")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     x = A.reshape(-1).float()
@@ -94,6 +95,8 @@ def dequantize_4bit(packed, absmax, code, blocksize: int, numel: int, dtype: tor
                     nested_absmax: Optional[torch.Tensor] = None,
                     nested_code: Optional[torch.Tensor] = None, offset: float = 0.0):
     check_out_dtype(dtype, "dequantize_4bit")
+    check_4bit_weight("dequantize_4bit", packed, absmax, code, blocksize, numel,
+                      nested_absmax, nested_code)
     if nested_absmax is not None:
         absmax = dequantize_nested_absmax(absmax, nested_absmax, nested_code, offset)
     codes = unpack_4bit(packed, numel)
@@ -108,8 +111,7 @@ def dequantize_4bit_out(packed, absmax, code, blocksize: int, nested_absmax, nes
 
 
 def quantize_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    if A.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"quantize_8bit: input must be float32, float16 or bfloat16, got {A.dtype}")
+    check_quantize_8bit_args(A, code, blocksize)
     x = A.reshape(-1).float()
     n = x.numel()
     xb = _blocks(x, blocksize)
@@ -122,18 +124,26 @@ def quantize_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 
 
 def dequantize_8bit(q, absmax, code, blocksize: int, dtype: torch.dtype):
-    check_out_dtype(dtype, "dequantize_8bit")
+    check_dequantize_8bit_args(q, absmax, code, blocksize, dtype)
     n = q.numel()
     scale = absmax.float().reshape(-1).repeat_interleave(blocksize)[:n]
     return (code.float()[q.reshape(-1).long()] * scale).to(dtype)
 
 
+def _float32_weight(op, packed, absmax, code, blocksize, n, k, nested_absmax, nested_code,
+                    offset):
+    check_4bit_weight(op, packed, absmax, code, blocksize, n * k, nested_absmax, nested_code)
+    return dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.float32,
+                           nested_absmax, nested_code, offset).view(n, k)
+
+
 def gemv_4bit(x, packed, absmax, code, blocksize: int, out_features: int,
-              nested_absmax=None, nested_code=None, offset: float = 0.0, bias=None):
+              nested_absmax=None, nested_code=None, offset: float = 0.0, bias=None,
+              op: str = "gemv_4bit"):
     """y[M, N] = x[M, K] @ W^T (+ bias) in float32, returned in x's dtype."""
-    k = x.shape[-1]
-    w = dequantize_4bit(packed, absmax, code, blocksize, out_features * k, torch.float32,
-                        nested_absmax, nested_code, offset).view(out_features, k)
+    check_float_input(x, op)
+    w = _float32_weight(op, packed, absmax, code, blocksize, out_features, x.shape[-1],
+                        nested_absmax, nested_code, offset)
     y = x.float() @ w.T
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
@@ -142,15 +152,14 @@ def matmul_4bit(x, packed, absmax, code, blocksize: int, out_features: int,
                 nested_absmax=None, nested_code=None, offset: float = 0.0, bias=None):
     """x[..., K] @ W^T (+ bias): the whole W dequantized to float32, then one matmul."""
     return gemv_4bit(x, packed, absmax, code, blocksize, out_features, nested_absmax,
-                     nested_code, offset, bias)
+                     nested_code, offset, bias, op="matmul_4bit")
 
 
 def matmul_4bit_backward(grad_y, packed, absmax, code, blocksize: int, in_features: int,
                          nested_absmax=None, nested_code=None, offset: float = 0.0):
     """grad_y[..., N] @ W -> [..., K] in float32, returned in grad_y's dtype."""
-    n = grad_y.shape[-1]
-    w = dequantize_4bit(packed, absmax, code, blocksize, n * in_features, torch.float32,
-                        nested_absmax, nested_code, offset).view(n, in_features)
+    w = _float32_weight("matmul_4bit_backward", packed, absmax, code, blocksize,
+                        grad_y.shape[-1], in_features, nested_absmax, nested_code, offset)
     return (grad_y.float() @ w).to(grad_y.dtype)
 
 
