@@ -31,7 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 BINDING_FILES = sorted(CUDA_DIR.glob("*.cpp"))
-ARCHS = ("sm_86", "sm_89")
+
+
+def _default_archs() -> tuple[str, ...]:
+    """setup.py's DEFAULT_ARCHS as sm_XY names: every architecture the build ships code for."""
+    text = (ROOT / "setup.py").read_text()
+    archs = re.search(r'^DEFAULT_ARCHS = "([^"]+)"', text, re.M).group(1)
+    return tuple("sm_" + a.replace("+PTX", "").replace(".", "") for a in archs.split(";"))
+
+
+# ptxas' register allocation differs per architecture (a kernel spilled on sm_90 and on
+# sm_75 but not on sm_86/sm_89), so every shipped one is checked.
+ARCHS = _default_archs()
 NVCC_FLAGS = ["-std=c++17", "--fmad=false", "-O3", "-Xptxas", "-v", "-c"]
 TORCH_CUDA_VERSION = "2.14.1"  # a CUDA build whose headers the binding is checked against
 

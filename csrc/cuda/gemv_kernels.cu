@@ -93,8 +93,10 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_fast_kernel(const GemvArgs
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
     for (int64_t k0 = 0; k0 < K; k0 += a.kt) {
-      const int64_t kn = K - k0 < a.kt ? K - k0 : a.kt;
-      const int64_t row_stride = kn / 32 * kPaddedChunk;
+      // kn <= kt floats staged in shared memory: int. (int64 here made ptxas spill the
+      // MT = 4 instantiation for sm_90; tests/test_cuda_compile.py checks every arch built.)
+      const int kn = (int)(K - k0 < a.kt ? K - k0 : a.kt);
+      const int row_stride = kn / 32 * kPaddedChunk;
       __syncthreads();  // the previous pass's reads of s_x (and the tables' writes) are done
       for (int64_t i = threadIdx.x; i < (int64_t)mc * kn; i += kThreads) {
         const int64_t m = i / kn, k = i - m * kn;
