@@ -105,6 +105,40 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "pass layers= explicitly")
 
 
+def fsdp_shards_integer_params() -> bool:
+    """Whether this torch's ``fully_shard`` can shard a frozen integer parameter (the uint8
+    packed weights). torch 2.11's makes every sharded parameter require gradients, which an
+    integer tensor cannot; 2.12 keeps ``requires_grad``.
+
+    Example:
+        >>> fsdp_shards_integer_params() in (True, False)
+        True
+    """
+    # torch.torch_version.TorchVersion compares with tuples, local tags (+cu130) ignored
+    return torch.__version__ >= (2, 12)
+
+
+def check_fsdp_storage(model: nn.Module) -> None:
+    """Raise ValueError, before anything is sharded, when ``fully_shard`` of this torch
+    cannot shard the model's packed weights in their storage dtype.
+
+    Example:
+        >>> import torch, qlora_kernels as qk
+        >>> check_fsdp_storage(set_quant_storage(torch.nn.Sequential(qk.Linear4bit(64, 32)),
+        ...                                      torch.bfloat16))
+    """
+    if fsdp_shards_integer_params():
+        return
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            raise ValueError(
+                f"torch {torch.__version__}'s fully_shard cannot shard the {p.dtype} parameter "
+                f"{name!r} (it makes every sharded parameter require gradients; torch 2.12 "
+                "fixed it): store the packed weights as floats first, "
+                "qk.distributed.set_quant_storage(model, torch.bfloat16) (the MixedPrecision"
+                "Policy's param_dtype, if any), or use torch >= 2.12")
+
+
 def shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = None,
                 **fully_shard_kwargs) -> nn.Module:
     """``fully_shard`` each decoder layer, then the root (the issue's recipe), with the same
@@ -117,6 +151,7 @@ def shard_model(model: nn.Module, layers: Optional[Iterable[nn.Module]] = None,
     """
     from torch.distributed.fsdp import fully_shard
 
+    check_fsdp_storage(model)
     for block in (decoder_layers(model) if layers is None else layers):
         fully_shard(block, **fully_shard_kwargs)
     fully_shard(model, **fully_shard_kwargs)

@@ -52,8 +52,13 @@ def read_schemas(path: str = SCHEMA_FILE) -> dict:
 
 SCHEMAS = read_schemas()
 
-_fallback_lib = None
+_fallback_lib = None  # without the extension: the schemas and their reference kernels
 _managed_lib = None
+# Python kernels for CUDA tensors where no compiled CUDA kernel serves an op. torch 2.11
+# refuses a second Python registration for the same op and key (later versions override
+# with a warning), so a backend override lifts these first and puts them back after.
+_stand_in_lib = None
+_stand_in_names: tuple = ()
 
 
 def _register_fallbacks() -> None:
@@ -76,13 +81,38 @@ def _register_fallbacks() -> None:
     # Extension loaded: CUDA tensors still need a kernel when it was built without CUDA.
     if torch.version.cuda is None:
         return
-    _fallback_lib = _cuda_stand_ins([name for name in reference_impls
-                                     if name not in reference.DEVICELESS_OPS
-                                     and not _extension.has_kernel(name, "CUDA")])
+    _set_cuda_stand_ins([name for name in reference_impls
+                         if name not in reference.DEVICELESS_OPS
+                         and not _extension.has_kernel(name, "CUDA")])
 
 
-def _cuda_stand_ins(names) -> torch.library.Library:
-    """Registers the Triton kernel, else the reference, as the CUDA kernel of each op."""
+def _set_cuda_stand_ins(names) -> None:
+    """Registers the Triton kernel, else the reference, as the CUDA kernel of each op in
+    ``names`` (replacing the previous stand-ins)."""
+    global _stand_in_names
+    suspend_cuda_stand_ins()
+    _stand_in_names = tuple(names)
+    resume_cuda_stand_ins()
+
+
+def suspend_cuda_stand_ins() -> None:
+    """Lift the CUDA stand-in registrations (a backend override replaces them meanwhile).
+
+    Example:
+        >>> suspend_cuda_stand_ins(); resume_cuda_stand_ins()
+    """
+    global _stand_in_lib
+    if _stand_in_lib is not None:
+        _stand_in_lib._destroy()
+        _stand_in_lib = None
+
+
+def resume_cuda_stand_ins() -> None:
+    """Register the CUDA stand-ins again (idempotent; not while an override replaces them)."""
+    global _stand_in_lib
+    from .backends import overriding
+    if _stand_in_lib is not None or not _stand_in_names or overriding():
+        return
     reference_impls = reference.fallback_impls()
     try:
         from .backends import triton as triton_backend
@@ -90,12 +120,9 @@ def _cuda_stand_ins(names) -> torch.library.Library:
     except Exception:  # triton missing or broken: the reference keeps CUDA tensors working
         stand_ins = {}
     lib = torch.library.Library("qlora_kernels", "IMPL")
-    for name in names:
+    for name in _stand_in_names:
         lib.impl(name, stand_ins.get(name, reference_impls[name]), "CUDA")
-    return lib
-
-
-_replaced_lib = None
+    _stand_in_lib = lib
 
 
 def replace_cuda_kernels() -> None:
@@ -107,10 +134,9 @@ def replace_cuda_kernels() -> None:
         >>> from qlora_kernels import ops
         >>> ops.replace_cuda_kernels()  # doctest: +SKIP
     """
-    global _replaced_lib
-    if _replaced_lib is None:
-        _replaced_lib = _cuda_stand_ins([n for n in reference.fallback_impls()
-                                         if n not in reference.DEVICELESS_OPS])
+    names = tuple(n for n in reference.fallback_impls() if n not in reference.DEVICELESS_OPS)
+    if _stand_in_names != names:
+        _set_cuda_stand_ins(names)
 
 
 _register_fallbacks()

@@ -148,19 +148,42 @@ def set_backend(name: Optional[str]) -> None:
                                  (triton_available("cuda") and _torch.cuda.is_available())):
         raise RuntimeError("backend 'triton': triton is not installed (on the CPU it also "
                            "needs TRITON_INTERPRET=1)")
-    lib = None
-    if name in _OVERRIDING:
-        from .. import ops  # noqa: F401  (the schemas exist before anything is registered)
-        module = importlib.import_module(f"{__name__}.{name}")
-        lib = _torch.library.Library("qlora_kernels", "IMPL")
+    from .. import ops  # the schemas exist before anything is registered
+    module = importlib.import_module(f"{__name__}.{name}") if name in _OVERRIDING else None
+    # Old registrations go before new ones are made: torch 2.11 refuses a second Python
+    # kernel for the same op and key (the stand-ins of ops.py, or the previous override).
+    if _active_lib is not None:
+        _active_lib._destroy()
+    _active_name, _active_lib = name, None
+    if module is None:
+        ops.resume_cuda_stand_ins()
+        return
+    ops.suspend_cuda_stand_ins()
+    lib = _torch.library.Library("qlora_kernels", "IMPL")
+    try:
         with warnings.catch_warnings():  # overriding the default kernels is the point
             warnings.filterwarnings("ignore", message=".*[Oo]verrid")
             for key in _override_keys(name):
                 for op, fn in module.override_impls().items():
                     lib.impl(op, fn, key)
-    if _active_lib is not None:
-        _active_lib._destroy()
-    _active_name, _active_lib = name, lib
+    except BaseException:
+        lib._destroy()
+        _active_name = None
+        ops.resume_cuda_stand_ins()
+        raise
+    _active_lib = lib
+
+
+def overriding() -> bool:
+    """True while a backend's kernels are registered over the default ones.
+
+    Example:
+        >>> import qlora_kernels as qk
+        >>> with qk.use_backend("reference"):
+        ...     overriding()
+        True
+    """
+    return _active_lib is not None
 
 
 def current_backend() -> Optional[str]:
