@@ -230,3 +230,12 @@ def test_a_loaded_model_holds_no_view_of_the_checkpoint_file(checkpoint):
         mapped = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                   if file_mapping(t) is not None]
         assert mapped == [], mapped
+
+
+def test_bench_load_child_measures_the_quantizer(tmp_path):
+    # bench_hf_trainer.py --load's own child, in this process, on bench_memory's tiny shape
+    from benchmarks.bench_hf_trainer import child_hf_load
+    from benchmarks.bench_memory import write_checkpoint
+    write_checkpoint("tiny", str(tmp_path))
+    r = child_hf_load(str(tmp_path), "cpu")
+    assert r["peak"] >= r["runtime"] > 0 and r["model_bytes"] > 0 and r["seconds"] > 0
