@@ -258,6 +258,7 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
         # what the model keeps as read (embeddings, norms, stored 4-bit bytes) would stay a
         # view of the checkpoint's memory map, tied to a file that may be rewritten
         copy_out_of_files(model)
+        self.files_mapped_before_loading = None  # later mappings are not this load's
         model.is_loaded_in_4bit = True  # PEFT's k-bit preparation keys on it
         # transformers' num_parameters (Trainer calls it every step) reads that flag as
         # "bitsandbytes is loaded" and imports bitsandbytes: count without the flag.
