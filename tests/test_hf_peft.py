@@ -7,14 +7,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 import qlora_kernels as qk  # noqa: E402
 import qlora_kernels.hf as qkhf  # noqa: E402
 
-if peft.__version__ not in qkhf.KNOWN_PEFT_VERSIONS:  # the shim stays out (one warning)
-    pytest.skip(f"peft {peft.__version__}: the PEFT shim is checked against "
-                f"{qkhf.KNOWN_PEFT_VERSIONS}", allow_module_level=True)
-from hf_tiny import LAYERS, LINEARS_PER_LAYER, load_quantized, save_tiny_llama, tokens  # noqa: E402
+from hf_tiny import (LAYERS, LINEARS_PER_LAYER, import_peft_with_shim, load_quantized,  # noqa: E402
+                     save_tiny_llama, tokens)
+peft = import_peft_with_shim()
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -86,6 +86,8 @@ def test_save_pretrained_reloads_identically_without_the_config(checkpoint, tmp_
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    from qlora_kernels.hf.mapped_files import file_mapping
+    assert not [k for k, t in again.state_dict().items() if file_mapping(t) is not None]
     lin = again.model.layers[0].mlp.down_proj
     assert isinstance(lin, qk.Linear4bit) and lin.quant_storage == quant_storage
     assert lin.compute_dtype == torch.bfloat16
@@ -183,3 +185,57 @@ def test_dequantize_gives_dense_layers(checkpoint):
     assert not getattr(model.config, "quantization_config", None)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def _resident_bytes(path):
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+                inside = len(fields) == 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_pages_of_a_checkpoint_opened_after_the_snapshot_are_released(tmp_path, rng):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from qlora_kernels.hf.mapped_files import (file_mapping, mapped_files, release_new_mappings,
+                                               release_pages)
+    w = torch.randn(512, 1024, generator=rng)  # 2 MiB: many whole pages
+    save_file({"w": w}, tmp_path / "shard.safetensors")
+    before = mapped_files()
+    anonymous = torch.randn(256, 256, generator=rng)
+    kept = anonymous.clone()
+    assert release_pages(anonymous) == 0 and torch.equal(anonymous, kept)  # never zeroed
+    with safe_open(tmp_path / "shard.safetensors", framework="pt") as f:
+        view = f.get_slice("w")[...]
+    assert file_mapping(view) == str(tmp_path / "shard.safetensors")
+    assert float(view.sum()) == pytest.approx(float(w.sum()), rel=1e-4)  # touch every page
+    assert _resident_bytes(tmp_path / "shard.safetensors") >= w.nbytes
+    assert release_new_mappings(before) >= w.nbytes
+    assert _resident_bytes(tmp_path / "shard.safetensors") < 2 * 4096  # at most the header pages
+    assert torch.equal(view, w)  # read again from the file, unchanged
+    assert release_new_mappings(mapped_files() | before) == 0  # mappings in the snapshot stay
+
+
+def test_a_loaded_model_holds_no_view_of_the_checkpoint_file(checkpoint):
+    from qlora_kernels.hf.mapped_files import file_mapping
+    for dtype in (torch.float32, torch.bfloat16):  # the kept tensors as read, and cast
+        model = load_quantized(checkpoint, dtype=dtype)
+        mapped = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                  if file_mapping(t) is not None]
+        assert mapped == [], mapped
+
+
+def test_bench_load_child_measures_the_quantizer(tmp_path):
+    # bench_hf_trainer.py --load's own child, in this process, on bench_memory's tiny shape
+    from benchmarks.bench_hf_trainer import child_hf_load
+    from benchmarks.bench_memory import write_checkpoint
+    write_checkpoint("tiny", str(tmp_path))
+    r = child_hf_load(str(tmp_path), "cpu")
+    assert r["peak"] >= r["runtime"] > 0 and r["model_bytes"] > 0 and r["seconds"] > 0

@@ -30,6 +30,7 @@ from ..functional import quantize_4bit
 from ..nn import Linear4bit
 from ..packed_storage import check_storage, storage_to_packed
 from ..quant_state import STATE_TENSOR_KEYS, QuantState
+from .mapped_files import copy_out_of_files, mapped_files, release_new_mappings
 
 QUANT_METHOD = "qlora_kernels"
 _PACKED_KEY = "weight.quant_state.bitsandbytes__"
@@ -171,7 +172,10 @@ def _finish_layer(model: nn.Module, module_name: str, new: Linear4bit, missing_k
 
 
 class QuantizeOnLoad(ConversionOps):
-    """Quantizes one dense checkpoint weight as it arrives (``quantize_weight``)."""
+    """Quantizes one dense checkpoint weight as it arrives (``quantize_weight``), then drops
+    the pages it read of the checkpoint's memory maps from the process (mapped_files.py):
+    transformers keeps the maps open for the whole load, so otherwise the whole dense
+    checkpoint ends up resident."""
 
     def __init__(self, hf_quantizer):
         self.hf_quantizer = hf_quantizer
@@ -182,6 +186,9 @@ class QuantizeOnLoad(ConversionOps):
             module_name = param_name.rpartition(".")[0]
             new = quantize_weight(module_name, value, self.hf_quantizer.quantization_config)
             del value
+            before = self.hf_quantizer.files_mapped_before_loading
+            if before is not None:
+                release_new_mappings(before)
             _finish_layer(model, module_name, new, missing_keys)
         return {}
 
@@ -220,6 +227,7 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
     then fills it from the checkpoint (quantizing dense weights on the way in)."""
 
     requires_calibration = False
+    files_mapped_before_loading = None  # set when loading starts (see QuantizeOnLoad)
     serialized_names = {"weight": SERIALIZED_NAMES}
 
     @property
@@ -232,6 +240,7 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
         config = self.quantization_config
+        self.files_mapped_before_loading = mapped_files()  # the checkpoint is not open yet
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, config.skip_modules, model._keep_in_fp32_modules)
         replaced = 0
@@ -246,6 +255,10 @@ class QLoRAKernelsHfQuantizer(HfQuantizer):
                           "loads unquantized", UserWarning, stacklevel=2)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # what the model keeps as read (embeddings, norms, stored 4-bit bytes) would stay a
+        # view of the checkpoint's memory map, tied to a file that may be rewritten
+        copy_out_of_files(model)
+        self.files_mapped_before_loading = None  # later mappings are not this load's
         model.is_loaded_in_4bit = True  # PEFT's k-bit preparation keys on it
         # transformers' num_parameters (Trainer calls it every step) reads that flag as
         # "bitsandbytes is loaded" and imports bitsandbytes: count without the flag.
