@@ -174,20 +174,11 @@ def run_child(kind: str, directory: str, device: str) -> dict:
 
 
 def estimate_gib(shape: str) -> float:
+    """``qk.estimate_memory`` for the step's configuration, from the checkpoint's config
+    (embedding and untied head in bf16, chunked loss)."""
     import qlora_kernels as qk
-    s = SHAPES[shape]
-    n = sum(p for p in _param_counts(s).values())
-    est = qk.estimate_memory(n, r=64, seq_len=512, batch_size=1, shapes=(
-        s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"],
-        s["num_key_value_heads"] / s["num_attention_heads"]))
+    est = qk.estimate_memory(config=_config(shape), r=64, seq_len=512, batch_size=1)
     return est.total_gb * 1e9 / GIB
-
-
-def _param_counts(s: dict) -> dict:
-    h, i, n, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
-    kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
-    return {"linear": n * (2 * h * h + 2 * h * kv + 3 * h * i), "embed+head": 2 * v * h,
-            "norms": (2 * n + 1) * h}
 
 
 def main(argv=None):
