@@ -43,9 +43,9 @@ def reads(monkeypatch):
     count = {"n": 0}
     real = ckpt_mod.Checkpoint.read
 
-    def counting(self, key, device="cpu"):
+    def counting(self, key, device="cpu", out=None):
         count["n"] += 1
-        return real(self, key, device)
+        return real(self, key, device, out)
     monkeypatch.setattr(ckpt_mod.Checkpoint, "read", counting)
     return count
 
@@ -210,6 +210,36 @@ def test_truncated_shard(copy_dir, reads):
     with pytest.raises(qk.CheckpointError, match=f.name):
         qk.from_pretrained(copy_dir, progress=False)
     assert reads["n"] == 0
+
+
+def test_read_into_a_reused_buffer(tmp_path):
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(3)
+    tensors = {"f32": torch.randn(7, 13, generator=g), "bf16": torch.randn(33, generator=g).bfloat16(),
+               "f16": torch.randn(3, 5, 7, generator=g).half(),
+               "i64": torch.randint(-9, 9, (11,), generator=g), "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = qk.loading.open_checkpoint(tmp_path)
+    want = load_file(tmp_path / "model.safetensors")
+    buf = torch.empty(max(ckpt.nbytes(k) for k in tensors), dtype=torch.uint8)
+    for key in tensors:
+        got = ckpt.read(key, out=buf)
+        assert got.dtype == want[key].dtype and torch.equal(got, want[key]), key
+        if got.numel():
+            assert got.data_ptr() == buf.data_ptr()  # no copy, no allocation
+        assert torch.equal(ckpt.read(key), want[key])  # a tensor of its own
+    with pytest.raises(ValueError, match="at least 364 bytes"):
+        ckpt.read("f32", out=torch.empty(10, dtype=torch.uint8))
+
+
+def test_shard_truncated_after_the_checks(copy_dir):
+    ckpt = qk.loading.open_checkpoint(copy_dir)
+    key = max(ckpt.keys(), key=lambda k: ckpt.offset[k])  # the last tensor of its shard
+    path = ckpt.location[key]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(qk.CheckpointError, match=f"{os.path.basename(path)}.*{key}.*truncated"):
+        ckpt.read(key)
 
 
 def test_corrupt_shard_header(copy_dir, reads):

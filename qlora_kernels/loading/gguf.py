@@ -41,7 +41,7 @@ class MemoryCheckpoint(Checkpoint):
             self.meta[k] = (t.dtype, tuple(t.shape))
         return self
 
-    def read(self, key: str, device="cpu") -> torch.Tensor:
+    def read(self, key: str, device="cpu", out=None) -> torch.Tensor:
         return self.tensors.pop(key).to(device)
 
 
