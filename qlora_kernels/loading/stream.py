@@ -344,7 +344,8 @@ class _Prefetcher:
 
         self.ckpt = ckpt
         self.dense = [(key, quantize) for kind, key, quantize in units if kind == "dense"]
-        size = max((ckpt.nbytes(k) for k, q in self.dense if q), default=0)
+        size = max((ckpt.nbytes(k) for k, q in self.dense if q), default=0) \
+            if ckpt.reads_into_buffer else 0
         self.scratch = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if size else 0)]
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="qk-read")
         self.pending = {}
@@ -354,7 +355,7 @@ class _Prefetcher:
     def _read(self, i: int) -> torch.Tensor:
         key, quantize = self.dense[i]
         t0 = time.perf_counter()
-        tensor = self.ckpt.read(key, out=self.scratch[i % 2] if quantize else None)
+        tensor = self.ckpt.read(key, out=self.scratch[i % 2] if quantize and self.scratch else None)
         self.read_seconds += time.perf_counter() - t0
         return tensor
 
