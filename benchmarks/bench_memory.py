@@ -10,14 +10,16 @@ directory (removed afterwards), then measures, each in its own process:
 * ``step``: peak RSS of one QLoRA training step on it (batch 1, 512 tokens, r=64
   all-linear, gradient checkpointing, ``qk.optim.PagedAdamW``), beside
   ``qk.estimate_memory``'s figure for the same configuration;
-* ``bnb``: transformers + bitsandbytes' load of the same checkpoint (when installed).
+* ``bnb``: transformers + bitsandbytes' load of the same checkpoint (when installed);
+* ``rates``: the disk's raw read rate of the largest shard (dropped from the page cache
+  first) and ``qk.quantize_4bit``'s rate per CPU path, the two halves of a load's time.
 
 On CUDA (``--device cuda``) the peaks are ``torch.cuda.max_memory_allocated``.
 The checkpoint was just written, so its pages are likely in the page cache: the MB/s is
 then the load's own speed, an upper bound on a cold disk's.
 
 Usage: python benchmarks/bench_memory.py [--shape 1b|7b|tiny] [--device cpu] [--json out.json]
-       [--skip step,bnb] [--dir existing_checkpoint]
+       [--skip step,bnb,rates] [--dir existing_checkpoint]
 """
 from __future__ import annotations
 
@@ -161,7 +163,49 @@ def child_bnb(directory: str, device: str) -> dict:
             "model_bytes": _model_bytes(model)}
 
 
-CHILDREN = {"load": child_load, "step": child_step, "bnb": child_bnb}
+def child_rates(directory: str, device: str) -> dict:
+    """The two rates a load is made of: the disk's raw read of the largest shard (its
+    pages dropped from the page cache first with POSIX_FADV_DONTNEED, so read from the
+    disk where the kernel honours it) and qk.quantize_4bit (NF4 + DQ) of a random bf16
+    weight of the checkpoint's largest quantized shape, on each CPU path this CPU has."""
+    import qlora_kernels as qk
+    from qlora_kernels import cpu_dispatch
+    from qlora_kernels.loading import open_checkpoint
+
+    shards = [os.path.join(directory, f) for f in os.listdir(directory)
+              if f.endswith(".safetensors")]
+    shard = max(shards, key=os.path.getsize)
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf, done = memoryview(bytearray(64 << 20)), 0
+        t0 = time.perf_counter()
+        while (got := os.preadv(fd, [buf], done)) > 0:
+            done += got
+        disk = done / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    ckpt = open_checkpoint(directory)
+    shape = max((ckpt.shape(k) for k in ckpt.keys() if k.endswith("proj.weight")),
+                key=lambda s: s[0] * s[1])
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    out = {"disk_bytes_per_s": disk, "quantize_shape": list(shape)}
+    best = cpu_dispatch.cpu_isa()
+    for isa in ("avx2", "avx512"):
+        if device != "cpu" or isa not in cpu_dispatch.ISA_NAMES[: cpu_dispatch.ISA_NAMES.index(best) + 1]:
+            continue
+        cpu_dispatch.set_cpu_isa(isa)
+        times = []
+        for _ in range(6):  # the first is warm-up
+            t0 = time.perf_counter()
+            qk.quantize_4bit(w, quant_type="nf4", double_quant=True)
+            times.append(time.perf_counter() - t0)
+        out[f"quantize_{isa}_bytes_per_s"] = w.numel() * 2 / sorted(times[1:])[2]
+    cpu_dispatch.set_cpu_isa(None)
+    return out
+
+
+CHILDREN = {"load": child_load, "step": child_step, "bnb": child_bnb, "rates": child_rates}
 
 
 def run_child(kind: str, directory: str, device: str) -> dict:
@@ -174,20 +218,11 @@ def run_child(kind: str, directory: str, device: str) -> dict:
 
 
 def estimate_gib(shape: str) -> float:
+    """``qk.estimate_memory`` for the step's configuration, from the checkpoint's config
+    (embedding and untied head in bf16, chunked loss)."""
     import qlora_kernels as qk
-    s = SHAPES[shape]
-    n = sum(p for p in _param_counts(s).values())
-    est = qk.estimate_memory(n, r=64, seq_len=512, batch_size=1, shapes=(
-        s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"],
-        s["num_key_value_heads"] / s["num_attention_heads"]))
+    est = qk.estimate_memory(config=_config(shape), r=64, seq_len=512, batch_size=1)
     return est.total_gb * 1e9 / GIB
-
-
-def _param_counts(s: dict) -> dict:
-    h, i, n, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
-    kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
-    return {"linear": n * (2 * h * h + 2 * h * kv + 3 * h * i), "embed+head": 2 * v * h,
-            "norms": (2 * n + 1) * h}
 
 
 def main(argv=None):
@@ -195,7 +230,7 @@ def main(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json")
-    ap.add_argument("--skip", default="", help="comma-separated: step, bnb")
+    ap.add_argument("--skip", default="", help="comma-separated: step, bnb, rates")
     ap.add_argument("--dir", help="use this checkpoint instead of writing one")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -217,7 +252,7 @@ def main(argv=None):
         nbytes = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
                      if f.endswith(".safetensors"))
         results["checkpoint_bytes"] = nbytes
-        kinds = ["load"] + [k for k in ("step", "bnb") if k not in skip]
+        kinds = [k for k in ("rates", "load", "step", "bnb") if k == "load" or k not in skip]
         if "bnb" in kinds and optional_bitsandbytes() is None:
             kinds.remove("bnb")
         for kind in kinds:
@@ -225,6 +260,12 @@ def main(argv=None):
             results[kind] = r
             if "error" in r:
                 print(f"{kind:5s}: failed: {r['error']}")
+                continue
+            if kind == "rates":
+                print(f"rates: disk read of the largest shard {r['disk_bytes_per_s'] / 1e6:.0f} MB/s; "
+                      + ", ".join(f"quantize_4bit {k.split('_')[1]} {v / 1e6:.0f} MB/s"
+                                  for k, v in r.items() if k.startswith("quantize_") and k != "quantize_shape")
+                      + f" (bf16 {r['quantize_shape']}, NF4 + DQ)")
                 continue
             extra = r["peak"] - r["runtime"]
             line = (f"{kind:5s}: peak {r['peak'] / GIB:6.2f} GiB, runtime's own "

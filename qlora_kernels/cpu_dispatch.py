@@ -109,7 +109,7 @@ def kernel_paths() -> Dict[str, str]:
     simd = "avx2" if isa != "scalar" else "scalar"
     deq = "avx512" if ISA_NAMES.index(isa) >= ISA_NAMES.index("avx512") else simd
     gemm = "bf16 GEMM (oneDNN)" if native_bf16() else "float32 GEMM"
-    return {"dequantize_4bit": deq, "quantize_4bit": simd, "gemv_4bit": simd,
+    return {"dequantize_4bit": deq, "quantize_4bit": deq, "gemv_4bit": simd,
             "quantize_8bit": simd, "adamw": simd, "gemm_4bit (bf16 x)": f"{deq} dequantize + {gemm}"}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -87,6 +87,13 @@ class MemoryEstimate:
     weights_sharded_gb: float = 0.0
     quant_state_gb: float = 0.0
     unsharded_layers_gb: float = 0.0
+    # Model-specific terms (``vocab_size`` or ``config`` given; zero otherwise): the input
+    # embedding and the (untied) LM head kept in the compute dtype, the LM head's logits,
+    # softmax and gradient during the loss, and the transients of the backward (one
+    # decoder layer recomputed from its checkpoint, one weight dequantized to compute dtype).
+    embeddings_gb: float = 0.0
+    loss_gb: float = 0.0
+    transient_gb: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -157,11 +164,27 @@ def lora_param_count(n_params: float, r: int = 64, shapes=None) -> float:
     return float(r * per_layer * layers)
 
 
-def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_bytes: int = 2,
-                    optimizer_bytes_per_param: int = 8, world_size: int = 1,
+def _config_shapes(config):
+    """(n_params, shapes, vocab_size, tied) of a transformers LLaMA-style config: the
+    linear layers, embedding, head (unless tied) and RMSNorm weights counted from it."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    shapes = (h, config.intermediate_size, config.num_hidden_layers, kv_heads / heads)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    vocab = config.vocab_size
+    n = (linear_params_per_layer(shapes) * shapes[2] + vocab * h * (1 if tied else 2)
+         + (2 * shapes[2] + 1) * h)
+    return float(n), shapes, vocab, tied
+
+
+def estimate_memory(n_params: Optional[float] = None, r: int = 64, blocksize: int = 64,
+                    lora_bytes: int = 2, optimizer_bytes_per_param: int = 8, world_size: int = 1,
                     seq_len: int = 2048, batch_size: int = 1,
                     checkpointing: bool = True, fsdp: bool = False,
-                    shapes=None) -> MemoryEstimate:
+                    shapes=None, *, vocab_size: Optional[int] = None,
+                    tied_embeddings: bool = False, compute_bytes: int = 2,
+                    chunked_loss: bool = True, config=None) -> MemoryEstimate:
     """Per-device memory of QLoRA fine-tuning, the QLoRA paper's accounting.
 
     Weights in bf16 vs NF4 vs NF4 + double quantization (all parameters counted at the
@@ -182,42 +205,91 @@ def estimate_memory(n_params: float, r: int = 64, blocksize: int = 64, lora_byte
     for other models; ``n_params`` is then the count of quantized parameters). Raises
     ValueError for a non-finite or non-positive ``n_params``, ``r`` < 1 or ``world_size`` < 1.
 
+    A model as ``from_pretrained`` / ``prepare_model`` lay it out (PEFT's ``all-linear``:
+    the embedding and the LM head are not quantized): give ``vocab_size`` (with
+    ``tied_embeddings`` when the head shares the embedding; ``n_params`` then counts every
+    parameter, embedding and head included), or a transformers ``config``
+    (LLaMA-style fields: it gives ``n_params``, ``shapes``, ``vocab_size`` and the tying).
+    Then the embedding and head are counted at ``compute_bytes`` per parameter (2: bf16)
+    instead of 4 bits, the rest at the 4-bit rate; ``loss_gb`` is the LM head's logits
+    during the loss: with ``chunked_loss`` (``prepare_model``'s default) one chunk of
+    ``qlora_kernels.chunked_loss.CHUNK_ELEMENTS // vocab_size`` tokens at a time, each
+    logit held in the compute dtype and float32 plus its compute-dtype gradient; without
+    it the whole batch's logits as transformers' loss holds them (compute-dtype logits,
+    their float32 copy, log-softmax and gradient, the compute-dtype gradient); and
+    ``transient_gb`` the backward's working set: one decoder layer's activations
+    recomputed from its checkpoint (16 hidden-sized values per token) and the largest
+    weight dequantized to the compute dtype.
+
     Example:
         >>> e = estimate_memory(7e9)
         >>> round(e.weights_bf16_gb), round(e.weights_nf4_dq_gb, 1)
         (14, 3.6)
+        >>> from types import SimpleNamespace  # or a transformers LlamaConfig
+        >>> tinyllama = SimpleNamespace(hidden_size=2048, intermediate_size=5632,
+        ...     num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+        ...     vocab_size=32000, tie_word_embeddings=False)
+        >>> e = estimate_memory(config=tinyllama, r=64, seq_len=512)
+        >>> round(e.total_gb, 2), round(e.embeddings_gb, 3), round(e.loss_gb, 3)
+        (1.54, 0.262, 0.067)
     """
+    if config is not None:
+        n_cfg, shapes, vocab_size, tied_embeddings = _config_shapes(config)
+        n_params = n_cfg if n_params is None else n_params
     check_memory_args(n_params, r, world_size)
     gb = 1e9
     ws = world_size
-    bf16 = n_params * 2 / gb
-    nf4 = n_params * bits_per_parameter_formula(blocksize, False) / 8 / gb
-    nf4_dq = n_params * bits_per_parameter_formula(blocksize, True) / 8 / gb
     shp = _shapes(n_params, shapes)
+    h, inter, layers, _ = shp
+    kept = 0.0  # embedding and head parameters, kept in the compute dtype
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+        kept = float(vocab_size * h * (1 if tied_embeddings else 2))
+        if kept >= n_params:
+            raise ValueError(f"params ({n_params:g}) must exceed the embedding and head's "
+                             f"{kept:g} parameters (vocab_size {vocab_size} x hidden {h})")
+    quantized = n_params - kept
+    bf16 = n_params * 2 / gb
+    nf4 = quantized * bits_per_parameter_formula(blocksize, False) / 8 / gb
+    nf4_dq = quantized * bits_per_parameter_formula(blocksize, True) / 8 / gb
     lora = lora_param_count(n_params, r, shp)
     lora_w = lora * lora_bytes / gb
     lora_g = lora * lora_bytes / gb
     opt = lora * optimizer_bytes_per_param / gb
-    h, _, layers, _ = shp
-    per_layer_act = seq_len * batch_size * h * 2
+    tokens = seq_len * batch_size
+    per_layer_act = tokens * h * 2
     act = (per_layer_act * layers if checkpointing else per_layer_act * layers * 16) / gb
+    embeddings = loss = transient = 0.0
+    if vocab_size is not None:
+        embeddings = kept * compute_bytes / gb
+        if chunked_loss:
+            from .chunked_loss import CHUNK_ELEMENTS
+            loss = min(tokens, max(1, CHUNK_ELEMENTS // vocab_size)) * vocab_size \
+                * (2 * compute_bytes + 4) / gb
+        else:
+            loss = tokens * vocab_size * (2 * compute_bytes + 3 * 4) / gb
+        recompute = tokens * h * 16 * compute_bytes if checkpointing else 0
+        transient = (recompute + max(h, inter) * h * compute_bytes) / gb
+    extra = embeddings + loss + transient
     sharded = qstate = unsharded = 0.0
     if fsdp:
-        sharded = n_params * 0.5 / ws / gb
+        sharded = quantized * 0.5 / ws / gb
         # the scales, plus each quantized linear layer's own code tables (16 + 256 float32)
-        qstate = nf4_dq - n_params * 0.5 / gb + 7 * layers * (16 + 256) * 4 / gb
+        qstate = nf4_dq - quantized * 0.5 / gb + 7 * layers * (16 + 256) * 4 / gb
         if ws > 1:
             # one layer's codes and adapters (+ adapter grads), twice (compute + prefetch)
             unsharded = 2 * (linear_params_per_layer(shp) * 0.5
                              + 2 * lora / layers * lora_bytes) / gb
-        total = sharded + qstate + (lora_w + lora_g + opt) / ws + unsharded + act
+        total = sharded + qstate + (lora_w + lora_g + opt) / ws + unsharded + act + extra
     else:
-        total = (nf4_dq + lora_w + lora_g + opt) / ws + act
+        total = (nf4_dq + lora_w + lora_g + opt) / ws + act + extra
     return MemoryEstimate(n_params=n_params, weights_bf16_gb=bf16, weights_nf4_gb=nf4,
                           weights_nf4_dq_gb=nf4_dq, lora_params=lora, lora_weights_gb=lora_w,
                           lora_grads_gb=lora_g, optimizer_gb=opt, activations_gb=act,
                           total_gb=total, world_size=ws, weights_sharded_gb=sharded,
-                          quant_state_gb=qstate, unsharded_layers_gb=unsharded)
+                          quant_state_gb=qstate, unsharded_layers_gb=unsharded,
+                          embeddings_gb=embeddings, loss_gb=loss, transient_gb=transient)
 
 
 # ---------------------------------------------------------------------------- a model's memory

@@ -77,4 +77,5 @@ def test_bench_memory_tiny_shape_runs_every_child(tmp_path):
         assert "error" not in r, r
         assert r["peak"] >= r["runtime"] > 0 and r["model_bytes"] > 0 and r["seconds"] > 0
     assert res["estimate_gib"] > 0
+    assert "error" not in res["rates"] and res["rates"]["disk_bytes_per_s"] > 0
     assert not [f for f in os.listdir(tmp_path) if f.startswith("qk-bench")]

@@ -5,7 +5,8 @@ The oracle is a small numpy port of the decision trees written from FORMAT.md's 
 alone (its literals, its FP4 tree, s = float32(x) * (1.0f / m), the pad element loaded as
 0.0), not from qlora_kernels' code. Inputs: every bf16 and fp16 value in [-1, 1] at
 scale 1 (so every value next to a threshold), float32 values on and one ulp around every
-threshold, and random blocks of odd sizes at random scales.
+threshold, and random blocks of odd sizes at random scales, for every blocksize. The
+C++ CPU backend runs once per instruction-set path this CPU has (scalar, AVX2, AVX-512).
 """
 from fractions import Fraction
 
@@ -13,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from qlora_kernels import cpu_dispatch
+from qlora_kernels._extension import EXTENSION_LOADED
 from qlora_kernels.backends import available_backends, use_backend
+from qlora_kernels.formats import SUPPORTED_BLOCKSIZES
 
 from conftest import DTYPES, HAS_CUDA
 
@@ -75,7 +79,12 @@ def port_quantize(x: torch.Tensor, blocksize: int, quant_type: str):
 
 
 def _backends():
-    out = [("cpu", b) for b in available_backends("cpu")]
+    # the C++ CPU backend once per instruction-set path this CPU has ("cpu@avx2", ...)
+    out = []
+    for b in available_backends("cpu"):
+        paths = cpu_dispatch.ISA_NAMES[: cpu_dispatch.ISA_NAMES.index(cpu_dispatch.cpu_isa()) + 1]
+        out += [("cpu", f"{b}@{p}") for p in paths] if b == "cpu" and EXTENSION_LOADED \
+            else [("cpu", b)]
     if HAS_CUDA:
         out += [("cuda", b) for b in available_backends("cuda")]
     return out
@@ -86,8 +95,13 @@ IDS = [f"{d}-{b}" for d, b in BACKENDS]
 
 
 def _quantize(device, backend, x, blocksize, quant_type):
-    with use_backend(backend):
-        return torch.ops.qlora_kernels.quantize_4bit(x.to(device), blocksize, quant_type)
+    backend, _, isa = backend.partition("@")
+    cpu_dispatch.set_cpu_isa(isa or None)
+    try:
+        with use_backend(backend):
+            return torch.ops.qlora_kernels.quantize_4bit(x.to(device), blocksize, quant_type)
+    finally:
+        cpu_dispatch.set_cpu_isa(None)
 
 
 def _check(device, backend, x, blocksize, quant_type):
@@ -146,7 +160,7 @@ def test_float32_on_and_around_every_threshold(device, backend, quant_type):
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("blocksize", SUPPORTED_BLOCKSIZES)
 def test_random_blocks_at_random_scales(device, backend, quant_type, dtype, blocksize, rng):
     for n in (1, 3, 63, 65, 4097, 33 * 65 + 7):
         nb = -(-n // blocksize)

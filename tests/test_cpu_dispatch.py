@@ -11,6 +11,7 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels import _extension, cpu_dispatch
 from qlora_kernels.backends import reference
+from qlora_kernels.formats import SUPPORTED_BLOCKSIZES
 
 needs_ext = pytest.mark.skipif(not _extension.EXTENSION_LOADED, reason="compiled extension not built")
 BEST = cpu_dispatch.cpu_isa()
@@ -71,12 +72,21 @@ def test_dequantize_column_tiles_checks(rng):
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantize_every_path_gives_the_same_bits(isa, dtype, rng):
-    x = (torch.randn(333 * 77, generator=rng) * 2).to(dtype)
-    got = torch.ops.qlora_kernels.quantize_4bit(x, 64, "nf4")
-    want = reference.quantize_4bit(x, 64, "nf4")
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_quantize_every_path_gives_the_same_bits(isa, dtype, quant_type, rng):
+    for blocksize in SUPPORTED_BLOCKSIZES:
+        # odd sizes: partial last blocks, tails shorter than one SIMD step, an odd numel
+        for n in (1, 31, blocksize + 17, 3 * blocksize + 33, 333 * 77):
+            x = (torch.randn(n, generator=rng) * 2).to(dtype)
+            if n > blocksize:
+                x[:blocksize] = 0.0  # an all-zero block
+                x[blocksize + 1] = float("nan")  # a NaN block: absmax NaN, the rest as the reference
+            got = torch.ops.qlora_kernels.quantize_4bit(x, blocksize, quant_type)
+            want = reference.quantize_4bit(x, blocksize, quant_type)
+            where = f"{isa} {dtype} {quant_type} blocksize {blocksize} n {n}"
+            assert torch.equal(got[0], want[0]), where
+            assert torch.allclose(got[1], want[1], rtol=0, atol=0, equal_nan=True), where
 
 
 @needs_ext

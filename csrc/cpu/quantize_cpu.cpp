@@ -1,8 +1,11 @@
 // CPU kernels for blockwise 4-bit and 8-bit quantize / dequantize.
 //
-// Parallel over blocks with OpenMP; the inner loops use AVX2/FMA/F16C when the CPU has
-// them (checked at run time, compiled with per-function target attributes so the module
-// still loads on CPUs without AVX2) and the scalar code of qk_format.h otherwise.
+// Parallel over blocks with OpenMP; the inner loops use AVX-512 or AVX2/FMA/F16C as
+// cpu_isa() allows (checked at run time, compiled with per-function target attributes so
+// the module still loads on CPUs without them) and the scalar code of qk_format.h otherwise.
+// Quantize: a parallel task is 16 blocks; each block's absmax, then its codes 32 elements
+// at a time (a binary search of the thresholds with AVX-512, one compare per threshold
+// with AVX2), the tail of a block in scalar code.
 // Dequantize builds, per block, the 16 possible outputs code[k] * absmax already rounded
 // to the output dtype, so the inner loop is a byte shuffle: one table lookup per element,
 // and the result is identical to computing code[q] * absmax element by element.
@@ -29,25 +32,36 @@ namespace qlora_kernels::cpu {
 namespace {
 
 // ------------------------------------------------------------------ scalar paths
+// The block's absmax from elements [begin, len) and the running max `m` of the ones before
+// (any NaN makes it NaN), stored to *absmax_out.
 template <typename T>
-void quantize_block_scalar(const T* x, int64_t len, int qt, float* absmax_out, uint8_t* out) {
-  float m = 0.0f;
-  bool nan = false;
-  for (int64_t i = 0; i < len; ++i) {
+float finish_absmax(const T* x, int64_t begin, int64_t len, float m, bool nan, float* absmax_out) {
+  for (int64_t i = begin; i < len; ++i) {
     const float v = to_float(x[i]);
-    const float a = std::fabs(v);
-    if (a > m) m = a;
+    if (std::fabs(v) > m) m = std::fabs(v);
     if (v != v) nan = true;
   }
   if (nan) m = NAN;
   *absmax_out = m;
-  const float inv = qk::inverse_absmax_4bit(m);
-  for (int64_t i = 0; i < len; i += 2) {
+  return m;
+}
+
+// Codes of elements [begin, len) (begin even), packed two per byte; an odd last element
+// pairs with the pad code.
+template <typename T>
+void encode_pairs_scalar(const T* x, int64_t begin, int64_t len, int qt, float inv, uint8_t* out) {
+  for (int64_t i = begin; i < len; i += 2) {
     const int hi = qk::encode_4bit(qt, to_float(x[i]) * inv);
     const int lo = i + 1 < len ? qk::encode_4bit(qt, to_float(x[i + 1]) * inv)
                                : qk::pad_code_4bit(qt, inv);
     out[i / 2] = qk::pack_pair(hi, lo);
   }
+}
+
+template <typename T>
+void quantize_block_scalar(const T* x, int64_t len, int qt, float* absmax_out, uint8_t* out) {
+  const float m = finish_absmax(x, 0, len, 0.0f, false, absmax_out);
+  encode_pairs_scalar(x, 0, len, qt, qk::inverse_absmax_4bit(m), out);
 }
 
 template <typename OutT>
@@ -108,15 +122,8 @@ QK_AVX2 void quantize_block_avx2(const T* x, int64_t len, int qt, float* absmax_
     vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
     vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  float m = hmax8(vmax);
-  bool nan = _mm256_movemask_ps(vnan) != 0;
-  for (; i < len; ++i) {
-    const float v = to_float(x[i]);
-    if (std::fabs(v) > m) m = std::fabs(v);
-    if (v != v) nan = true;
-  }
-  if (nan) m = NAN;
-  *absmax_out = m;
+  const float m = finish_absmax(x, i, len, hmax8(vmax), _mm256_movemask_ps(vnan) != 0,
+                                absmax_out);
   const __m256 inv = _mm256_set1_ps(qk::inverse_absmax_4bit(m));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const __m256i lowbyte = _mm256_set1_epi16(0x00F0);
@@ -136,13 +143,7 @@ QK_AVX2 void quantize_block_avx2(const T* x, int64_t len, int qt, float* absmax_
         _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j / 2), packed);
   }
-  const float inv_s = qk::inverse_absmax_4bit(m);
-  for (; j < len; j += 2) {
-    const int hi = qk::encode_4bit(qt, to_float(x[j]) * inv_s);
-    const int lo = j + 1 < len ? qk::encode_4bit(qt, to_float(x[j + 1]) * inv_s)
-                               : qk::pad_code_4bit(qt, inv_s);
-    out[j / 2] = qk::pack_pair(hi, lo);
-  }
+  encode_pairs_scalar(x, j, len, qt, qk::inverse_absmax_4bit(m), out);
 }
 
 // 32 codes (16 packed bytes) in element order, as bytes.
@@ -287,23 +288,110 @@ QK_AVX512 void dequant_block_avx512_32(const uint8_t* p, int64_t len, __m256 c0,
     dequant_block_scalar(p, j, len, t, out);
   }
 }
+
+// 16 values as float32.
+QK_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+QK_AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+QK_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// Codes of 16 scaled values. The count of thresholds strictly below s (qk_format.h) found
+// by binary search over the sorted table, one vpermps lookup per step (4 steps for 15
+// thresholds, 3 for FP4's 7 magnitudes) instead of one compare per threshold; the
+// greater-than compares are the same, so NaN still maps to 0 and the bits equal AVX2's.
+struct Encode16 {
+  __m512 t;    // thresholds in ascending order (entries past the last are never read)
+  int steps;   // log2 of the table size rounded up
+  bool fp4;
+};
+QK_AVX512 inline Encode16 encode16_table(int qt) {
+  alignas(64) float t[16] = {};
+  const float* src = qt == qk::kNF4 ? qk::kNF4Thresholds
+                     : qt == qk::kFP4 ? qk::kFP4MagThresholds : qk::kINT4Thresholds;
+  const int n = qt == qk::kFP4 ? 7 : 15;
+  for (int k = 0; k < n; ++k) t[k] = src[k];
+  return {_mm512_load_ps(t), qt == qk::kFP4 ? 3 : 4, qt == qk::kFP4};
+}
+QK_AVX512 inline __m512i encode16(__m512 s, const Encode16& e) {
+  const __m512 a = e.fp4 ? _mm512_abs_ps(s) : s;
+  __m512i q = _mm512_setzero_si512();
+  for (int step = 1 << (e.steps - 1); step > 0; step >>= 1) {
+    const __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(q, _mm512_set1_epi32(step - 1)), e.t);
+    q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), q, _mm512_set1_epi32(step));
+  }
+  if (!e.fp4) return q;
+  q = _mm512_xor_si512(q, _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(2)), 1));
+  return _mm512_mask_or_epi32(q, _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_LT_OQ), q,
+                              _mm512_set1_epi32(8));
+}
+
+template <typename T>
+QK_AVX512 void quantize_block_avx512(const T* x, int64_t len, const Encode16& enc, int qt,
+                                     float* absmax_out, uint8_t* out) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nanm = 0;
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 v = load16(x + i);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    nanm |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  const float m = finish_absmax(x, i, len, _mm512_reduce_max_ps(vmax), nanm != 0, absmax_out);
+  const __m512 inv = _mm512_set1_ps(qk::inverse_absmax_4bit(m));
+  const __m256i lowbyte = _mm256_set1_epi16(0x00F0);
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    const __m128i c0 = _mm512_cvtepi32_epi8(encode16(_mm512_mul_ps(load16(x + j), inv), enc));
+    const __m128i c1 = _mm512_cvtepi32_epi8(encode16(_mm512_mul_ps(load16(x + j + 16), inv), enc));
+    // byte pairs (c[2k], c[2k+1]) -> c[2k] << 4 | c[2k+1], as 16-bit lanes, then narrowed
+    const __m256i b = _mm256_set_m128i(c1, c0);
+    const __m256i w = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 4), lowbyte),
+                                      _mm256_srli_epi16(b, 8));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j / 2), _mm256_cvtepi16_epi8(w));
+  }
+  encode_pairs_scalar(x, j, len, qt, qk::inverse_absmax_4bit(m), out);
+}
+
+template <typename T>
+QK_AVX512 void quantize_blocks_avx512(const T* x, int64_t n, int64_t bs, int qt, int64_t b0,
+                                      int64_t b1, uint8_t* packed, float* absmax) {
+  const Encode16 enc = encode16_table(qt);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * bs;
+    quantize_block_avx512(x + start, std::min(bs, n - start), enc, qt, absmax + b,
+                          packed + start / 2);
+  }
+}
 #endif  // __x86_64__
 
 template <typename T>
 void quantize_4bit_impl(const T* x, int64_t n, int64_t bs, int qt, uint8_t* packed, float* absmax) {
-  const int64_t nblocks = (n + bs - 1) / bs;
-  const bool simd = has_avx2();
+  const int64_t nblocks = (n + bs - 1) / bs, isa = cpu_isa();
+  const int64_t chunk = 16;  // blocks per task: amortizes the per-call setup
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * bs;
-    const int64_t len = std::min(bs, n - start);
+  for (int64_t c = 0; c < (nblocks + chunk - 1) / chunk; ++c) {
+    const int64_t b0 = c * chunk, b1 = std::min(nblocks, b0 + chunk);
 #if defined(__x86_64__)
-    if (simd) {
-      quantize_block_avx2(x + start, len, qt, absmax + b, packed + start / 2);
+    if (isa >= kIsaAvx512) {
+      quantize_blocks_avx512(x, n, bs, qt, b0, b1, packed, absmax);
       continue;
     }
 #endif
-    quantize_block_scalar(x + start, len, qt, absmax + b, packed + start / 2);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * bs;
+      const int64_t len = std::min(bs, n - start);
+#if defined(__x86_64__)
+      if (isa >= kIsaAvx2) {
+        quantize_block_avx2(x + start, len, qt, absmax + b, packed + start / 2);
+        continue;
+      }
+#endif
+      quantize_block_scalar(x + start, len, qt, absmax + b, packed + start / 2);
+    }
   }
 }
 

@@ -1,10 +1,12 @@
 """A local transformers checkpoint directory, checked before anything is loaded.
 
 ``open_checkpoint`` finds the safetensors shards (one ``model.safetensors``, or the files
-named by ``model.safetensors.index.json``), reads every shard's header (keys, dtypes and
-shapes; safetensors checks that the data section covers the file, so a truncated or
-corrupt shard fails here) and returns a ``Checkpoint`` whose ``read(key)`` opens the shard,
-reads one tensor and closes it again, so no shard is ever mapped whole.
+named by ``model.safetensors.index.json``), reads every shard's header (keys, dtypes,
+shapes and byte ranges; safetensors checks that the data section covers the file, so a
+truncated or corrupt shard fails here) and returns a ``Checkpoint`` whose ``read(key)``
+reads that one tensor's bytes with ``os.preadv`` into ordinary memory (a new tensor, or a
+buffer the caller reuses), so no shard is ever mapped and the GIL is free while the disk
+works.
 
 Example:
     >>> import os, tempfile, torch
@@ -17,9 +19,11 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -39,12 +43,15 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    """The tensors of a checkpoint directory: where each lives, its dtype and shape."""
+    """The tensors of a checkpoint directory: where each lives, its dtype and shape, and
+    its bytes' offset in its shard."""
 
     directory: str
     files: List[str]
     location: Dict[str, str] = field(default_factory=dict)   # key -> shard path
     meta: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = field(default_factory=dict)
+    offset: Dict[str, int] = field(default_factory=dict)     # key -> first byte in its shard
+    reads_into_buffer = True  # read(out=...) fills the caller's buffer (subclasses may not)
 
     def keys(self) -> List[str]:
         return list(self.location)
@@ -57,33 +64,61 @@ class Checkpoint:
 
     def nbytes(self, key: str) -> int:
         dtype, shape = self.meta[key]
-        n = 1
-        for d in shape:
-            n *= d
-        return n * torch.empty((), dtype=dtype).element_size()
+        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
-    def read(self, key: str, device="cpu") -> torch.Tensor:
-        """One tensor, read from its shard (opened and closed for this read) into ordinary
-        memory. safetensors hands out a private memory map of the file that outlives the
-        handle: a tensor kept as is would read the file lazily (the time would show up as
-        quantization) and tie the model to a file that may later be rewritten."""
-        from safetensors import safe_open
-
+    def read(self, key: str, device="cpu", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One tensor, read from its shard into ordinary CPU memory (a new tensor, or the
+        start of ``out``, a uint8 buffer of at least ``nbytes(key)`` that the caller reuses
+        from tensor to tensor), then moved to ``device``. Not a memory map: a mapped tensor
+        kept as is would read the file lazily and tie the model to a file that may later be
+        rewritten."""
         path = self.location[key]
+        dtype, shape = self.meta[key]
+        n = self.nbytes(key)
+        if out is None:
+            out = torch.empty(n, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.device.type != "cpu" or out.numel() < n \
+                or not out.is_contiguous():
+            raise ValueError(f"read({key!r}): out must be a contiguous CPU uint8 buffer of at "
+                             f"least {n} bytes")
+        buf = out[:n]
         try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                mapped = f.get_tensor(key)
-        except Exception as exc:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key!r}: {exc}") from exc
-        return mapped.clone() if mapped.device.type == "cpu" else mapped
+        try:
+            view, done = memoryview(buf.numpy()), 0
+            while done < n:
+                got = os.preadv(fd, [view[done:]], self.offset[key] + done)
+                if got <= 0:
+                    raise CheckpointError(f"{path}: tensor {key!r} ends past the end of the "
+                                          f"file (truncated while loading?)")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r}: {exc}") from exc
+        finally:
+            os.close(fd)
+        # safetensors stores little-endian; a big-endian host would need a byte swap here
+        tensor = buf.view(dtype).view(shape) if n else torch.empty(shape, dtype=dtype)
+        return tensor if torch.device(device).type == "cpu" else tensor.to(device)
 
 
-def _read_header(path: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+def _data_offsets(path: str) -> Dict[str, int]:
+    """Absolute file offset of each tensor's bytes: the 8-byte little-endian header length,
+    the JSON header, then the data section the header's ``data_offsets`` index."""
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    return {k: 8 + hlen + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_header(path: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], int]]:
     from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: shard file is missing")
     try:
+        # safetensors validates the header (offsets contiguous and inside the file) first
         with safe_open(path, framework="pt") as f:
             out = {}
             for key in f.keys():
@@ -92,7 +127,8 @@ def _read_header(path: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
                 if dt not in _DTYPES:
                     raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dt}")
                 out[key] = (_DTYPES[dt], tuple(int(d) for d in sl.get_shape()))
-            return out
+        offsets = _data_offsets(path)
+        return {k: (*meta, offsets[k]) for k, meta in out.items()}
     except CheckpointError:
         raise
     except Exception as exc:  # safetensors' own error types: truncated or corrupt file
@@ -138,14 +174,15 @@ def open_checkpoint(directory: str) -> Checkpoint:
         raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
     ckpt = Checkpoint(directory, [os.path.join(directory, f) for f in files])
     for path in ckpt.files:
-        for key, meta in _read_header(path).items():
+        for key, (dtype, shape, offset) in _read_header(path).items():
             if key in ckpt.location:
                 raise CheckpointError(f"{path}: tensor {key!r} is also stored in "
                                       f"{ckpt.location[key]}")
             if wanted is not None and wanted.get(key) != path:
                 continue  # not this shard's according to the index
             ckpt.location[key] = path
-            ckpt.meta[key] = meta
+            ckpt.meta[key] = (dtype, shape)
+            ckpt.offset[key] = offset
     if wanted is not None:
         for key, path in wanted.items():
             if key not in ckpt.location:

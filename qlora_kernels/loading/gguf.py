@@ -1,11 +1,12 @@
 """GGUF files through ``from_pretrained``.
 
-transformers' GGUF reader (``load_gguf_checkpoint``) dequantizes every tensor of the file
-and returns them together, so the peak here is the whole dense model in the compute dtype
-(plus the reader's float32 scratch for one tensor), not one tensor as for safetensors.
-From there the tensors go through the same plan and per-tensor step as a safetensors
-checkpoint, each released as it is quantized. Fine for small GGUF models (the demo's
-SmolLM2-135M); stream large models from safetensors.
+The file is memory-mapped (gguf's ``GGUFReader``) and read tensor by tensor like a
+safetensors checkpoint: ``GGUFCheckpoint.read`` dequantizes one tensor to float32 with
+gguf, applies transformers' per-tensor fix-ups (LLaMA's q/k row order) and hands it to the
+same plan and per-tensor step, so the peak is the final model plus one dense float32
+tensor (and the mapped file's pages read so far). Architectures whose transformers
+processor merges several GGUF tensors into one (the MoE ones) or renames them fall back
+to transformers' reader, which dequantizes the whole file at once (``MemoryCheckpoint``).
 
 Example:
     >>> import qlora_kernels as qk
@@ -14,8 +15,9 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, Optional
 
+import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError
@@ -31,6 +33,7 @@ class MemoryCheckpoint(Checkpoint):
     """
 
     tensors: Dict[str, torch.Tensor]
+    reads_into_buffer = False
 
     @classmethod
     def from_tensors(cls, name: str, tensors: Dict[str, torch.Tensor]) -> "MemoryCheckpoint":
@@ -41,8 +44,55 @@ class MemoryCheckpoint(Checkpoint):
             self.meta[k] = (t.dtype, tuple(t.shape))
         return self
 
-    def read(self, key: str, device="cpu") -> torch.Tensor:
+    def read(self, key: str, device="cpu", out=None) -> torch.Tensor:
         return self.tensors.pop(key).to(device)
+
+
+class GGUFCheckpoint(Checkpoint):
+    """The tensors of a GGUF file under their transformers names, dequantized one at a time
+    on ``read``. ``open`` returns None for an architecture whose transformers processor is
+    not a plain per-tensor one (see the module docstring)."""
+
+    reads_into_buffer = False
+
+    @classmethod
+    def open(cls, path: str, model) -> "Optional[GGUFCheckpoint]":
+        from gguf import GGUFReader
+        from transformers import modeling_gguf_pytorch_utils as tg
+
+        reader = GGUFReader(path)
+        arch = tg.read_field(reader, "general.architecture")[0]
+        proc_cls = tg.TENSOR_PROCESSORS.get(arch, tg.TensorProcessor)
+        if proc_cls not in (tg.TensorProcessor, tg.LlamaTensorProcessor):
+            return None
+        self = cls(path, [path])
+        # the processors read head counts under their transformers names: the model's config
+        self.processor = proc_cls(config=model.config.to_dict())
+        self.by_key = {}
+        names = tg.get_gguf_hf_weights_map(model, self.processor)
+        for t in reader.tensors:
+            key = names.get(t.name)
+            if key is None:
+                continue  # transformers skips these too
+            self.by_key[key] = t
+            self.location[key] = path
+            self.meta[key] = (torch.float32, tuple(int(d) for d in reversed(t.shape.tolist())))
+        return self
+
+    def read(self, key: str, device="cpu", out=None) -> torch.Tensor:
+        from gguf import dequantize
+
+        t = self.by_key[key]
+        try:
+            w = dequantize(t.data, t.tensor_type)
+            w = self.processor.process(weights=w, name=t.name).weights
+        except Exception as exc:
+            raise CheckpointError(f"{self.directory}: cannot dequantize tensor {t.name!r} "
+                                  f"({key!r}): {exc}") from exc
+        w = np.ascontiguousarray(w, dtype=np.float32).reshape(self.shape(key))
+        if not w.flags.writeable:  # a float32 tensor is a view of the memory-mapped file
+            w = w.copy()
+        return torch.from_numpy(w).to(device)
 
 
 def from_gguf(path: str, *, compute_dtype="auto", device="cpu", **kwargs):
@@ -66,11 +116,13 @@ def from_gguf(path: str, *, compute_dtype="auto", device="cpu", **kwargs):
     target_modules, skip_modules = kwargs.pop("target_modules"), kwargs.pop("skip_modules")
     model = _build_empty(config, path, spec.compute_dtype)
     try:
-        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model,
-                                       torch_dtype=spec.compute_dtype)["tensors"]
+        ckpt = GGUFCheckpoint.open(path, model)
+        if ckpt is None:
+            tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model,
+                                           torch_dtype=spec.compute_dtype)["tensors"]
+            ckpt = MemoryCheckpoint.from_tensors(path, tensors)
+            del tensors
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read the GGUF tensors: {exc}") from exc
-    ckpt = MemoryCheckpoint.from_tensors(path, tensors)
-    del tensors
     plan = _plan(model, ckpt, False, target_modules, skip_modules)
     return _load(model, ckpt, plan, spec, progress, verbose, kwargs)
