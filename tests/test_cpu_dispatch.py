@@ -80,16 +80,28 @@ def test_quantize_every_path_gives_the_same_bits(isa, dtype, rng):
 
 
 @needs_ext
-def test_gemv_every_path_close_to_reference(isa, rng):
-    n, k = 96, 320
-    w = torch.randn(n, k, generator=rng)
-    packed, state = qk.quantize_4bit(w)
-    x = torch.randn(3, k, generator=rng).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("blocksize,k", [(64, 320), (128, 384), (32, 96), (64, 333)])
+def test_gemv_every_path_close_to_reference(isa, dtype, blocksize, k, rng):
+    # every row tile (4, 2, 1 rows), blocksizes the 512-bit paths take (multiples of 64) and
+    # those that fall back (32; K not a multiple of the blocksize: scalar); heavy-tailed x
+    # (groups spanning several binades, for the bf16 fixed-point path) and a bias
+    n = 37
+    packed, state = qk.quantize_4bit(torch.randn(n, k, generator=rng), blocksize=blocksize)
     s2 = state.state2
-    args = (packed, state.absmax, state.code, 64, n, s2.absmax, s2.code, float(state.offset))
-    got = torch.ops.qlora_kernels.gemv_4bit(x, *args).float()
-    want = x.float() @ qk.dequantize_4bit(packed, state, out_dtype=torch.float32).T
-    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    args = (packed, state.absmax, state.code, blocksize, n, s2.absmax, s2.code,
+            float(state.offset))
+    for m in (1, 2, 3, 4, 7):
+        x = (torch.randn(m, k, generator=rng) * torch.rand(m, k, generator=rng) ** 4 * 30).to(dtype)
+        b = torch.randn(n, generator=rng)
+        got = torch.ops.qlora_kernels.gemv_4bit(x, *args, b)
+        want = reference.gemv_4bit(x.float(), *args, b)
+        assert got.dtype == dtype
+        # one rounding of the output to x's dtype, plus float32 summation-order error
+        ulp = {torch.float32: 2.0 ** -22, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -8}
+        bound = want.abs() * ulp[dtype] + want.abs().max() * (1e-3 if dtype == torch.bfloat16
+                                                              else 1e-5)
+        assert ((got.float() - want).abs() <= bound).all(), (got.float() - want).abs().max()
 
 
 def test_override_refuses_unknown_and_missing_paths():
