@@ -130,3 +130,28 @@ def test_auto_compute_dtype_follows_native_bf16():
     from qlora_kernels.compute_dtype import resolve_compute_dtype
     assert resolve_compute_dtype("auto", "cpu") == want
     assert resolve_compute_dtype("auto", "cuda") == torch.bfloat16
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [1, 15, 17, 40, 333 * 77])
+@pytest.mark.parametrize("weight_decay,maximize", [(0.0, False), (0.1, True)])
+def test_adamw_every_path_gives_the_same_bits(n, weight_decay, maximize, rng):
+    # float32 params: scalar, AVX2 (8 lanes) and AVX-512 (16 lanes, tails of 8 and 1) do the
+    # same IEEE operations per element, so every path must give the scalar path's bits
+    p0 = torch.randn(n, generator=rng)
+    grads = [torch.randn(n, generator=rng) for _ in range(3)]
+    results = {}
+    for path in PATHS:
+        cpu_dispatch.set_cpu_isa(path)
+        try:
+            p, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)
+            for step, g in enumerate(grads, 1):
+                torch.ops.qlora_kernels.adamw_step_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8,
+                                                    weight_decay, step, maximize)
+            results[path] = (p, m, v)
+        finally:
+            cpu_dispatch.set_cpu_isa(None)
+    want = results["scalar"]
+    assert not torch.equal(want[0], p0)
+    for path, got in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), path
