@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")]
 
 
-def _prepared_llama(compute_dtype, selective, enable_first=False):
+def _prepared_llama(compute_dtype, selective, enable_first=False, adapter_dtype=None):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
@@ -23,7 +23,7 @@ def _prepared_llama(compute_dtype, selective, enable_first=False):
     if enable_first:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     qk.prepare_model(model, r=4, lora_alpha=8, compute_dtype=compute_dtype, verbose=False,
-                     selective_checkpointing=selective)
+                     selective_checkpointing=selective, adapter_dtype=adapter_dtype)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -48,13 +48,17 @@ def _step_counting_gemms(model, monkeypatch):
     return grads, forward, len(calls) - forward
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("enable_first", [False, True])
-def test_selective_same_gradients_without_recomputing_gemms(dtype, enable_first, monkeypatch):
+def test_selective_same_gradients_without_recomputing_gemms(dtype, adapter_dtype, enable_first,
+                                                            monkeypatch):
+    # float32 adapters on a bf16 base: the unfused path (Linear4bit, then the adapter)
     monkeypatch.setenv("QLORA_KERNELS_GEMV_MAX_ROWS", "0")  # every matmul on the GEMM path
-    full, fwd_full, bwd_full = _step_counting_gemms(_prepared_llama(dtype, False), monkeypatch)
-    sel, fwd_sel, bwd_sel = _step_counting_gemms(_prepared_llama(dtype, True, enable_first),
-                                                 monkeypatch)
+    full, fwd_full, bwd_full = _step_counting_gemms(
+        _prepared_llama(dtype, False, adapter_dtype=adapter_dtype), monkeypatch)
+    sel, fwd_sel, bwd_sel = _step_counting_gemms(
+        _prepared_llama(dtype, True, enable_first, adapter_dtype), monkeypatch)
     assert fwd_full == fwd_sel == 14  # 2 blocks x 7 linears
     assert bwd_full == 14 and bwd_sel == 0  # the recompute reuses the kept outputs
     assert len(sel) == 28 and all(g.abs().sum() > 0 for g in sel.values())
