@@ -10,7 +10,8 @@ cheap ops around them (norms, rotary, activations, the LoRA products). The cost 
 output per block kept until the backward; for SmolLM2-135M that is 5184 values per token
 per block (benchmarks/README.md has the measured peak RSS against full recompute).
 
-``prepare_model(selective_checkpointing=True)`` (the default) calls
+``prepare_model(selective_checkpointing=True)`` (and the default ``"auto"`` for a model on
+the CPU; on GPUs checkpointing is mostly there to save memory) calls
 ``enable_selective_checkpointing(model)``: a transformers model then applies the policy
 whenever its gradient checkpointing is non-reentrant (``use_reentrant=False``, the
 default), whether enabled before or after ``prepare_model``. Elsewhere, pass

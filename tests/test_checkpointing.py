@@ -85,3 +85,18 @@ def test_selective_policy_raises_if_a_kept_output_is_modified():
     with pytest.raises(RuntimeError, match="mutated"):
         checkpoint(f, x, use_reentrant=False,
                    context_fn=checkpointing.selective_checkpoint_context).backward()
+
+
+def test_prepare_model_selective_option():
+    # "auto" (default): on for a CPU model; a bad value is refused before anything changes
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    for value, patched in (("auto", True), (True, True), (False, False)):
+        model = transformers.LlamaForCausalLM(cfg)
+        qk.prepare_model(model, r=2, verbose=False, selective_checkpointing=value)
+        assert ("_set_gradient_checkpointing" in model.__dict__) is patched
+    model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="selective_checkpointing"):
+        qk.prepare_model(model, r=2, verbose=False, selective_checkpointing="yes")
+    assert not any(isinstance(m, qk.QLoRALinear) for m in model.modules())
