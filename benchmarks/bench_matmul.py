@@ -9,7 +9,11 @@ measured threshold for ``qlora_kernels.matmul``. When bitsandbytes happens to be
 (never a dependency), a ``bnb_ms`` column times ``bitsandbytes.matmul_4bit`` on the same x
 with NF4 + double quantization (compress_statistics), its weights rotated like ours.
 
-Usage: python benchmarks/bench_matmul.py [--json out.json] [--quick]
+``--isa-paths`` instead times the GEMV kernel on each SIMD path this CPU has (avx2 and up,
+forced with ``cpu_dispatch.set_cpu_isa``), bf16 and float32 x, round-robin in one process
+(process CPU time with ``--threads 1``), and prints each path's time and the ratio to avx2.
+
+Usage: python benchmarks/bench_matmul.py [--json out.json] [--quick] [--isa-paths [--threads 1]]
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
 from qlora_kernels import matmul as mm  # noqa: E402
 from benchmarks.timing import (device_info, median_time, optional_bitsandbytes,  # noqa: E402
-                               write_json)
+                               paired_times, write_json)
+from qlora_kernels import cpu_dispatch  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
@@ -83,13 +88,54 @@ def bench(device, shapes, rows, reps, bnb=None):
     return out
 
 
+def bench_isa_paths(shapes, rows, rounds: int, clock) -> list:
+    """The CPU GEMV kernel on every SIMD path this CPU has, per shape, rows and x dtype."""
+    best = cpu_dispatch.cpu_isa()
+    paths = [p for p in cpu_dispatch.ISA_NAMES[1: cpu_dispatch.ISA_NAMES.index(best) + 1]
+             if p != "avx512_bf16"]  # the GEMV has no bf16-instruction path of its own
+    out = []
+    try:
+        for n, k in shapes:
+            packed, state = qk.quantize_4bit(torch.randn(n, k) * 0.02)
+            s2 = state.state2
+            args = (packed, state.absmax, state.code, 64, n, s2.absmax, s2.code,
+                    float(state.offset))
+            for dtype in (torch.bfloat16, torch.float32):
+                for m in rows:
+                    x = torch.randn(m, k).to(dtype)
+
+                    def run(path, x=x):
+                        cpu_dispatch.set_cpu_isa(path)
+                        return torch.ops.qlora_kernels.gemv_4bit(x, *args)
+                    t = paired_times({p: (lambda p=p: run(p)) for p in paths}, rounds=rounds,
+                                     clock=clock)["median"]
+                    out.append({"shape": [n, k], "dtype": str(dtype).removeprefix("torch."),
+                                "rows": m, **{f"{p}_ms": v * 1e3 for p, v in t.items()}})
+    finally:
+        cpu_dispatch.set_cpu_isa(best)
+    for r in out:
+        cols = " ".join(f"{p} {r[f'{p}_ms']:7.3f} ms (x{r['avx2_ms'] / r[f'{p}_ms']:.2f})"
+                        for p in paths)
+        print(f"{'x'.join(map(str, r['shape'])):>10} {r['dtype']:>8} rows {r['rows']:>3}: {cols}")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--isa-paths", action="store_true",
+                        help="the CPU GEMV on each SIMD path this CPU has")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.isa_paths:
+        import time
+        clock = time.process_time if args.threads == 1 else None
+        return bench_isa_paths([(4096, 4096), (1536, 576)], [1, 4, 16], 5 if args.quick else 15,
+                               clock)
     saved = dict(mm.GEMV_MAX_ROWS)
     shapes = [(1024, 1024)] if args.quick else SHAPES
     rows = [1, 8, 64] if args.quick else ROWS

@@ -8,7 +8,9 @@ caps the path, so tests can run every path the machine has. Paths, lowest first:
 * ``scalar``: portable C++;
 * ``avx2``: AVX2 + FMA + F16C (the baseline of every SIMD kernel);
 * ``avx512``: AVX-512F/BW/VL (the 4-bit dequantize: one ``vpermw``/``vpermps`` table
-  lookup per 32/16 elements);
+  lookup per 32/16 elements; the GEMV for float32/float16 x, 64 codes per lookup; bf16 x
+  keeps its AVX2 fixed-point GEMV, faster on Zen 4 than a 512-bit form of it; AdamW on
+  float32 params, 16 lanes);
 * ``avx512_bf16``: AVX512-BF16 besides (the CPU computes bf16 natively, so the 4-bit
   GEMM runs its dense GEMM in bf16 for bf16 x instead of float32).
 
@@ -109,8 +111,10 @@ def kernel_paths() -> Dict[str, str]:
     simd = "avx2" if isa != "scalar" else "scalar"
     deq = "avx512" if ISA_NAMES.index(isa) >= ISA_NAMES.index("avx512") else simd
     gemm = "bf16 GEMM (oneDNN)" if native_bf16() else "float32 GEMM"
-    return {"dequantize_4bit": deq, "quantize_4bit": deq, "gemv_4bit": simd,
-            "quantize_8bit": simd, "adamw": simd, "gemm_4bit (bf16 x)": f"{deq} dequantize + {gemm}"}
+    gemv = simd if deq == simd else f"{deq} (float32/float16 x), {simd} (bf16 x)"
+    adamw = simd if simd == "scalar" else f"{deq} (float32 params), scalar (bf16/fp16 params)"
+    return {"dequantize_4bit": deq, "quantize_4bit": deq, "gemv_4bit": gemv,
+            "quantize_8bit": simd, "adamw": adamw, "gemm_4bit (bf16 x)": f"{deq} dequantize + {gemm}"}
 
 
 def _apply_env() -> None:

@@ -4,9 +4,10 @@
 Against the module-by-module composition (base layer, dropout, two ``nn.Linear``, a scale,
 an add) it saves for the backward only x itself (no copy when x is already in the compute
 dtype), ``x·Aᵀ`` (r columns, computed once), one boolean mask when dropout is on (never a
-dropped copy of x), and the packed weight; the base product and the low-rank update are
-summed in place in the output, and the input gradient of both is accumulated in place in
-one tensor. A and B's gradients come out in their (compute) dtype from GEMMs that
+dropped copy of x), and the packed weight; the base product (the ``matmul_4bit`` op,
+left unmodified so that selective checkpointing can keep it, see checkpointing.py) and
+the low-rank update are summed by one ``addmm``, and the input gradient of both is
+accumulated in place in one tensor. A and B's gradients come out in their (compute) dtype from GEMMs that
 accumulate in float32. The base product dequantizes W a tile at a time (matmul.py), so no
 dequantized W outlives one GEMM.
 
@@ -26,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .matmul import _matmul_4bit_backward_impl, _matmul_4bit_impl
+from .matmul import _matmul_4bit_backward_impl
 from .quant_state import QuantState
 
 
@@ -37,15 +38,20 @@ class _QLoRAFunction(torch.autograd.Function):
         k = x.shape[-1]
         n = lora_b.shape[0]
         x2 = x.reshape(-1, k)
-        y = _matmul_4bit_impl(x2, packed, absmax, code, blocksize, n, nested_absmax, nested_code,
-                              offset, bias)
+        # Through the dispatcher (below autograd: this forward is not differentiated) so that
+        # selective checkpointing (checkpointing.py) sees the op and can keep its output; the
+        # output is then never written in place.
+        with torch._C._AutoDispatchBelowAutograd():
+            y = torch.ops.qlora_kernels.matmul_4bit.default(x2, packed, absmax, code, blocksize,
+                                                            n, nested_absmax, nested_code,
+                                                            offset, bias)
         mask = None
         if dropout > 0:
             mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout)
             xa = (x2 * mask).mul_(1.0 / (1.0 - dropout)) @ lora_a.T
         else:
             xa = x2 @ lora_a.T
-        y.addmm_(xa, lora_b.T, alpha=scaling)
+        y = torch.addmm(y, xa, lora_b.T, alpha=scaling)
         ctx.save_for_backward(x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
                               nested_code)
         ctx.blocksize, ctx.offset, ctx.scaling, ctx.dropout = blocksize, offset, scaling, dropout

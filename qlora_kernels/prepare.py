@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .checkpointing import enable_selective_checkpointing
 from .chunked_loss import chunked_causal_lm_loss
 from .compute_dtype import resolve_compute_dtype
 from .formats import FLOAT_DTYPES
@@ -199,7 +200,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
                   dq_code: Union[str, torch.Tensor] = "fp8",
                   adapter_dtype: Optional[torch.dtype] = None, verbose: bool = True,
                   quant_storage: torch.dtype = torch.uint8, chunked_loss: bool = True, *,
-                  compress_statistics: Optional[bool] = None) -> nn.Module:
+                  compress_statistics: Optional[bool] = None,
+                  selective_checkpointing: Union[bool, str] = "auto") -> nn.Module:
     """Convert ``model`` in place for QLoRA training and return it.
 
     Each targeted ``nn.Linear`` becomes ``QLoRALinear(Linear4bit.from_linear(...))`` (with
@@ -216,7 +218,13 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     bitsandbytes' name for ``double_quant``. ``chunked_loss``: a
     transformers causal LM called with ``labels`` computes its LM head and loss in chunks
     of tokens, never the full float32 logits, and returns ``logits=None`` then
-    (chunked_loss.py); False keeps the model's own loss.
+    (chunked_loss.py); False keeps the model's own loss. ``selective_checkpointing``: the
+    model's non-reentrant gradient checkpointing (transformers models; enabled before or
+    after this call) keeps the outputs of the 4-bit matmuls and of attention for the
+    backward instead of recomputing them: a third fewer 4-bit GEMMs per step for one
+    (tokens x out_features) tensor per layer (checkpointing.py); False recomputes all;
+    ``"auto"`` (default): on for a model on the CPU (compute-bound, memory to spare), off
+    on GPUs, where checkpointing is mostly there to save memory.
 
     Raises ValueError (listing available names) when ``target_modules`` matches nothing.
     Arguments and every target weight (float dtype, finite values) are checked before the
@@ -232,9 +240,14 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     if isinstance(model, (QLoRALinear, nn.Linear, Linear4bit)):
         raise TypeError("prepare_model converts a model's sub-layers; wrap a single layer "
                         "with QLoRALinear(...) directly")
+    if selective_checkpointing not in (True, False, "auto"):
+        raise ValueError("prepare_model: selective_checkpointing must be True, False or "
+                         f"'auto', got {selective_checkpointing!r}")
     names = resolve_target_modules(model, target_modules)
     # the device only: holding the first parameter would keep its dense weight alive
     device = next((p.device for p in model.parameters()), None)
+    if selective_checkpointing == "auto":
+        selective_checkpointing = device is None or device.type == "cpu"
     compute_dtype = resolve_compute_dtype(compute_dtype, device)
     _check_conversion(model, names, quantize, dict(
         quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
@@ -261,6 +274,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     enable_input_require_grads(model)
     if chunked_loss:
         chunked_causal_lm_loss(model)
+    if selective_checkpointing:
+        enable_selective_checkpointing(model)
     if verbose:
         print(_summary_line(parameter_counts(model), before, weight_bytes(model)))
     return model

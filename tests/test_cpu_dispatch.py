@@ -90,16 +90,28 @@ def test_quantize_every_path_gives_the_same_bits(isa, dtype, quant_type, rng):
 
 
 @needs_ext
-def test_gemv_every_path_close_to_reference(isa, rng):
-    n, k = 96, 320
-    w = torch.randn(n, k, generator=rng)
-    packed, state = qk.quantize_4bit(w)
-    x = torch.randn(3, k, generator=rng).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("blocksize,k", [(64, 320), (128, 384), (32, 96), (64, 333)])
+def test_gemv_every_path_close_to_reference(isa, dtype, blocksize, k, rng):
+    # every row tile (4, 2, 1 rows), blocksizes the 512-bit paths take (multiples of 64) and
+    # those that fall back (32; K not a multiple of the blocksize: scalar); heavy-tailed x
+    # (groups spanning several binades, for the bf16 fixed-point path) and a bias
+    n = 37
+    packed, state = qk.quantize_4bit(torch.randn(n, k, generator=rng), blocksize=blocksize)
     s2 = state.state2
-    args = (packed, state.absmax, state.code, 64, n, s2.absmax, s2.code, float(state.offset))
-    got = torch.ops.qlora_kernels.gemv_4bit(x, *args).float()
-    want = x.float() @ qk.dequantize_4bit(packed, state, out_dtype=torch.float32).T
-    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    args = (packed, state.absmax, state.code, blocksize, n, s2.absmax, s2.code,
+            float(state.offset))
+    for m in (1, 2, 3, 4, 7):
+        x = (torch.randn(m, k, generator=rng) * torch.rand(m, k, generator=rng) ** 4 * 30).to(dtype)
+        b = torch.randn(n, generator=rng)
+        got = torch.ops.qlora_kernels.gemv_4bit(x, *args, b)
+        want = reference.gemv_4bit(x.float(), *args, b)
+        assert got.dtype == dtype
+        # one rounding of the output to x's dtype, plus float32 summation-order error
+        ulp = {torch.float32: 2.0 ** -22, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -8}
+        bound = want.abs() * ulp[dtype] + want.abs().max() * (1e-3 if dtype == torch.bfloat16
+                                                              else 1e-5)
+        assert ((got.float() - want).abs() <= bound).all(), (got.float() - want).abs().max()
 
 
 def test_override_refuses_unknown_and_missing_paths():
@@ -128,3 +140,28 @@ def test_auto_compute_dtype_follows_native_bf16():
     from qlora_kernels.compute_dtype import resolve_compute_dtype
     assert resolve_compute_dtype("auto", "cpu") == want
     assert resolve_compute_dtype("auto", "cuda") == torch.bfloat16
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [1, 15, 17, 40, 333 * 77])
+@pytest.mark.parametrize("weight_decay,maximize", [(0.0, False), (0.1, True)])
+def test_adamw_every_path_gives_the_same_bits(n, weight_decay, maximize, rng):
+    # float32 params: scalar, AVX2 (8 lanes) and AVX-512 (16 lanes, tails of 8 and 1) do the
+    # same IEEE operations per element, so every path must give the scalar path's bits
+    p0 = torch.randn(n, generator=rng)
+    grads = [torch.randn(n, generator=rng) for _ in range(3)]
+    results = {}
+    for path in PATHS:
+        cpu_dispatch.set_cpu_isa(path)
+        try:
+            p, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)
+            for step, g in enumerate(grads, 1):
+                torch.ops.qlora_kernels.adamw_step_(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8,
+                                                    weight_decay, step, maximize)
+            results[path] = (p, m, v)
+        finally:
+            cpu_dispatch.set_cpu_isa(None)
+    want = results["scalar"]
+    assert not torch.equal(want[0], p0)
+    for path, got in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), path
