@@ -65,7 +65,7 @@ def adapted_model(model_path: str, adapter: str, compute_dtype: str = "float32",
 
     model, tok = load_base(model_path, compute_dtype, device)
     qk.load_adapter(model, adapter, compute_dtype=getattr(torch, compute_dtype), verbose=False)
-    return model, tok
+    return model.eval(), tok  # the new adapter layers start in training mode (dropout)
 
 
 def requantize(model, compute_dtype: torch.dtype) -> float:
@@ -102,6 +102,7 @@ def run_merge(args: argparse.Namespace, log=print) -> dict:
         >>> run_merge(parser.parse_args([...]))   # doctest: +SKIP
     """
     import qlora_kernels as qk
+    from ..prepare import lora_layers
 
     check_model(args.model)
     check_adapter_dir(args.adapter)
@@ -109,7 +110,7 @@ def run_merge(args: argparse.Namespace, log=print) -> dict:
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise UsageError(f"--out {args.out}: not empty (the merged model needs its own directory)")
     model, tok = adapted_model(args.model, args.adapter)
-    n = len(qk.lora_layers(model))
+    n = len(lora_layers(model))
     dtype = getattr(torch, args.dtype)
     qk.merge_lora(model, dtype=torch.float32)  # dense W + scale * B @ A, in float32
     result = {"out": args.out, "layers": n, "requantization_error": None}
