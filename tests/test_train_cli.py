@@ -51,7 +51,7 @@ def test_run_outputs(run):
     for r in steps:
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem"} <= set(r)
         assert r["grad_norm"] > 0 and r["tokens"] > 0
-    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 3, 6]
     assert all(r["eval_ppl"] == pytest.approx(2.718281828 ** r["eval_loss"]) for r in rows if "eval_loss" in r)
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -258,7 +258,9 @@ def train(model, units: list, pad_id: int, cfg: LoopConfig, *, optimizer=None,
     over a resume). ``on_save(step, optimizer, {"bad_in_row": n})`` runs every
     ``cfg.save_every`` steps, at the end, and when stopping; ``on_log(row)`` gets one
     dict per step (``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens``, ``tokens_per_s``,
-    ``peak_mem``, ``skipped``) and per evaluation (``step``, ``eval_loss``, ``eval_ppl``).
+    ``peak_mem``, ``skipped``) and per evaluation (``step``, ``eval_loss``, ``eval_ppl``:
+    before training when starting at step 0, every ``cfg.eval_every`` steps, at the end).
+    Time spent evaluating and saving is left out of tokens/s and ``seconds``.
     Ctrl-C stops between steps (``interrupted``). Returns a dict with ``losses`` (this
     run's steps), ``evals``, ``tokens_per_s``, ``peak_memory_bytes``, ``seconds``,
     ``steps_done``, ``bad_steps``, ``interrupted``, ``stopped``, ``optimizer_notes``.
@@ -284,14 +286,25 @@ def train(model, units: list, pad_id: int, cfg: LoopConfig, *, optimizer=None,
     tokens, bad_total = 0, 0
     interrupted, stopped, step = False, None, start_step
     log = on_log or (lambda row: None)
-    t_start = time.perf_counter()
+    paused = [0.0]  # seconds in evaluation and saving: not counted in tokens/s
 
     def evaluate(step):
         if eval_units:
+            t0 = time.perf_counter()
             loss = heldout_loss(model, eval_units, pad_id)
             row = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
             evals.append(row)
             log(row)
+            paused[0] += time.perf_counter() - t0
+
+    def save(step):
+        t0 = time.perf_counter()
+        on_save(step, optimizer, {"bad_in_row": bad_in_row})
+        paused[0] += time.perf_counter() - t0
+
+    if start_step == 0:
+        evaluate(0)  # the loss before training, for the log and the plot
+    t_start = time.perf_counter()
 
     try:
         for step in range(start_step + 1, cfg.steps + 1):
@@ -317,7 +330,7 @@ def train(model, units: list, pad_id: int, cfg: LoopConfig, *, optimizer=None,
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss_value)
-            elapsed = time.perf_counter() - t_start
+            elapsed = time.perf_counter() - t_start - paused[0]
             peak = peak_memory_bytes(device)
             log({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                  "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed,
@@ -326,12 +339,12 @@ def train(model, units: list, pad_id: int, cfg: LoopConfig, *, optimizer=None,
                 stopped = (f"{bad_in_row} steps in a row (up to step {step}) had a non-finite "
                            f"loss or gradient; stopped (try a lower --lr)")
                 if on_save:
-                    on_save(step, optimizer, {"bad_in_row": bad_in_row})
+                    save(step)
                 break
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 evaluate(step)
             if on_save and (step % cfg.save_every == 0 or step == cfg.steps):
-                on_save(step, optimizer, {"bad_in_row": bad_in_row})
+                save(step)
             progress.update(step, loss_value, tokens / elapsed, peak,
                             f" | skipped {bad_total}" if bad_total else "")
         else:
@@ -340,7 +353,7 @@ def train(model, units: list, pad_id: int, cfg: LoopConfig, *, optimizer=None,
         # Stop between (or inside) steps; what is on disk is the last complete save.
         interrupted = True
         progress.close()
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - t_start - paused[0]
     if cfg.gradient_checkpointing:
         _checkpointing(model, False)
     if hasattr(model, "config"):
