@@ -174,6 +174,7 @@ def _one_line_error(capsys, argv, match):
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--target-modules", "q_proj,no_such_proj"], "no module named 'no_such_proj'"),
     (["--resume"], "--resume: no complete checkpoint-STEP directory"),
+    (["--layers", "3"], "--layers must be between 1 and 2"),
 ])
 def test_bad_option_exits_2_before_loading(tiny, capsys, no_model_load, tmp_path, extra, match):
     _one_line_error(capsys, _train_argv(tiny, tmp_path / "o", *extra), match)

@@ -229,6 +229,26 @@ def check_target_modules(targets, model_dir: Optional[str]) -> None:
                              f"(linear layers there: {', '.join(short)})")
 
 
+def check_layers(layers: Optional[int], model_dir: Optional[str]) -> None:
+    """``--layers`` against the model's ``num_hidden_layers`` (from its config.json, when
+    it can be read before loading).
+
+    Example:
+        >>> check_layers(None, None)
+    """
+    if layers is None or model_dir is None:
+        return
+    import json
+
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            n = json.load(f).get("num_hidden_layers")
+    except (OSError, ValueError):
+        return
+    if isinstance(n, int) and layers > n:
+        raise UsageError(f"--layers must be between 1 and {n} (the model's decoder layers), got {layers}")
+
+
 def data_paths(data: str) -> Tuple[str, Optional[str]]:
     """``--data TRAIN.jsonl[,EVAL.jsonl]``: the two paths, each an existing file.
 
@@ -331,7 +351,9 @@ def check_train_args(args: argparse.Namespace) -> argparse.Namespace:
     a.model = os.path.abspath(a.model)
     a.model_fingerprint = model_fingerprint(a.model)
     a.target_modules = parse_target_modules(a.target_modules)
-    check_target_modules(a.target_modules, converted_dir(a.model, create=False))
+    model_dir = converted_dir(a.model, create=False)
+    check_target_modules(a.target_modules, model_dir)
+    check_layers(a.layers, model_dir)
     dtype = a.compute_dtype if a.compute_dtype == "auto" else getattr(torch, a.compute_dtype)
     a.compute_dtype = str(resolve_compute_dtype(dtype, torch.device(a.device)))[6:]
     a.train_path, a.eval_path = data_paths(a.data)

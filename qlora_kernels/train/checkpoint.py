@@ -43,10 +43,10 @@ def canonical_safetensors(path: str) -> None:
 
     Example:
         >>> import os, tempfile, torch
-        >>> from safetensors.torch import save_file, load_file
+        >>> from safetensors.torch import save_file
         >>> p = os.path.join(tempfile.mkdtemp(), "a.safetensors")
         >>> save_file({"x": torch.ones(2)}, p, metadata={"b": "1", "a": "2"})
-        >>> canonical_safetensors(p); open(p, "rb").read()[8:40]
+        >>> canonical_safetensors(p); open(p, "rb").read()[8:41]
         b'{"__metadata__":{"a":"2","b":"1"}'
     """
     with open(path, "rb") as f:

@@ -187,7 +187,8 @@ def main(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             res = run_train(args)
-    except (UsageError, DemoDependencyError) as exc:
+    except (UsageError, DemoDependencyError, ValueError, FileNotFoundError) as exc:
+        # ValueError: also what loading raises for a bad checkpoint (CheckpointError)
         print(f"qlora-kernels train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
