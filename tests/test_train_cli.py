@@ -144,6 +144,30 @@ def test_generate_is_greedy_and_deterministic(tiny, run):
     assert first[0] == tok.decode(new, skip_special_tokens=True).strip()
 
 
+def test_generate_interactive_reads_one_prompt_per_line(tiny, run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 plus 1?\n\nWhat is 3 plus 3?\n"))
+    assert cli_main(["generate", "--model", tiny["model"], "--adapter", str(run / "adapter"),
+                     "--interactive", "--max-new-tokens", "3"]) == 0
+    from qlora_kernels.train.generate import add_generate_arguments, run_generate
+    import argparse
+    p = argparse.ArgumentParser()
+    add_generate_arguments(p)
+    one = run_generate(p.parse_args(["--model", tiny["model"], "--adapter", str(run / "adapter"),
+                                     "--prompt", "What is 3 plus 3?", "--max-new-tokens", "3"]),
+                       out=io.StringIO())
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].strip() == one[0]
+
+
+def test_generate_and_merge_bad_input_exit_2(tiny, capsys, tmp_path):
+    _one_line_error(capsys, ["generate", "--model", tiny["model"], "--prompt", "x",
+                             "--max-new-tokens", "0"], "--max-new-tokens must be >= 1")
+    _one_line_error(capsys, ["generate", "--model", tiny["model"], "--prompt", "x",
+                             "--adapter", str(tmp_path / "none")], "not a directory")
+    _one_line_error(capsys, ["merge", "--model", tiny["model"], "--adapter", str(tmp_path),
+                             "--out", str(tmp_path / "m")], "adapter_config.json")
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.fixture
 def no_model_load(monkeypatch):

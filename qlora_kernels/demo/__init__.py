@@ -25,6 +25,7 @@ import torch
 
 from ..train.args import (add_lora_arguments, check_dropout, check_min, check_out_dir,
                           check_positive, resolve_device)
+from ..train.data import warn_if_fallback
 from ..train.loop import LoopConfig, choose_compute_dtype, generate, heldout_loss, train
 from .data import encode_chat, load_splits, perplexity_tokens, resolve_data_paths
 from .model import (DemoDependencyError, check_model_path, decoder_linear_names,
@@ -173,6 +174,7 @@ def run_demo(args: argparse.Namespace, log=print) -> dict:
         f"{len(names)} linear layers ({n_train / 1e6:.2f}M trainable), PagedAdamW lr {a.lr:g}, "
         f"gradient checkpointing, batch {a.batch_size}, compute {str(compute_dtype)[6:]}"
         + (f" (measured matmul: {why})" if why else ""))
+    warn_if_fallback(tok)  # GGUF tokenizers often carry no chat template
     pad = tok.pad_token_id
     enc_train = [encode_chat(tok, ex, PRESET["max_seq_len"]) for ex in train_ex]
     enc_test = [encode_chat(tok, ex, PRESET["max_seq_len"]) for ex in test_ex]
