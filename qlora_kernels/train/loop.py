@@ -304,6 +304,7 @@ def train(model, units: list, pad_id: int, cfg: LoopConfig, *, optimizer=None,
 
     if start_step == 0:
         evaluate(0)  # the loss before training, for the log and the plot
+    paused[0] = 0.0
     t_start = time.perf_counter()
 
     try:
