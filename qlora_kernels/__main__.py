@@ -1,6 +1,10 @@
 """Command line: ``qlora-kernels <command>`` (also ``python -m qlora_kernels <command>``).
 
 Commands:
+  train    QLoRA fine-tuning of a local model (GGUF or transformers directory) on JSONL
+           data: checkpoints, exact --resume, eval, log.jsonl, loss.png
+  merge    fold an adapter into its base: a dense transformers model (or --quantized)
+  generate chat generation on the 4-bit base with an adapter, streamed
   demo     the main job: QLoRA on SmolLM2-135M-Instruct end to end (memory and
            perplexity tables, fine-tune, adapter, report)
   memory   the QLoRA memory table for a model size (``--params 65e9``)
@@ -20,6 +24,24 @@ def _demo(args) -> int:
     from .demo import main as demo_main
 
     return demo_main(args)
+
+
+def _train(args) -> int:
+    from .train.command import main as train_main
+
+    return train_main(args)
+
+
+def _merge(args) -> int:
+    from .train.merge import main as merge_main
+
+    return merge_main(args)
+
+
+def _generate(args) -> int:
+    from .train.generate import main as generate_main
+
+    return generate_main(args)
 
 
 def _size_label(n: float) -> str:
@@ -74,6 +96,17 @@ def _bench(bench_args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-kernels", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from .train.args import add_train_arguments
+    from .train.generate import add_generate_arguments
+    from .train.merge import add_merge_arguments
+
+    for name, helptext, add, func in (
+            ("train", "QLoRA fine-tuning on JSONL data", add_train_arguments, _train),
+            ("merge", "merge an adapter into a dense (or re-quantized) model", add_merge_arguments, _merge),
+            ("generate", "chat generation with an adapter", add_generate_arguments, _generate)):
+        cmd = sub.add_parser(name, help=helptext)
+        add(cmd)
+        cmd.set_defaults(func=func)
     demo = sub.add_parser("demo", help="QLoRA on a real pretrained model, end to end")
     from .demo import add_arguments
 

@@ -15,8 +15,8 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels.__main__ import main as cli_main
 from qlora_kernels.demo import add_arguments, run_demo
-from qlora_kernels.demo.data import (collate, default_data_paths, load_jsonl, load_splits,
-                                     stdlib_docstrings)
+from qlora_kernels.demo.data import default_data_paths, load_jsonl, load_splits, stdlib_docstrings
+from qlora_kernels.train.data import collate
 from qlora_kernels.demo.model import INSTALL_HINT, DemoDependencyError, find_gguf, load_model
 
 
@@ -149,7 +149,7 @@ def test_interrupt_keeps_last_saved_adapter(tmp_path):
     _require_demo_packages()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_kernels.demo.train import train
+    from qlora_kernels.train.loop import LoopConfig, train
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
@@ -164,9 +164,15 @@ def test_interrupt_keeps_last_saved_adapter(tmp_path):
                 raise KeyboardInterrupt
             return super().write(s)
 
-    res = train(model, data, 0, steps=5, out_dir=str(tmp_path), lr=1e-2, batch_size=2,
-                warmup=1, save_every=2, stream=CtrlC())
-    assert res["interrupted"] and res["saved_step"] == 2 and res["steps_done"] == 3
     adir = tmp_path / "adapter"
+    saved = []
+
+    def save(step, optimizer, loop_state):
+        qk.save_adapter(model, str(adir))
+        saved.append(step)
+
+    res = train(model, data, 0, LoopConfig(steps=5, lr=1e-2, batch_size=2, warmup=1, save_every=2),
+                on_save=save, stream=CtrlC())
+    assert res["interrupted"] and saved == [2] and res["steps_done"] == 3
     assert sorted(os.listdir(adir)) == ["adapter_config.json", "adapter_model.safetensors"]
     qk.load_adapter(model, str(adir))  # complete and loadable

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -24,12 +23,15 @@ import time
 
 import torch
 
+from ..train.args import (add_lora_arguments, check_dropout, check_min, check_out_dir,
+                          check_positive, resolve_device)
+from ..train.data import warn_if_fallback
+from ..train.loop import LoopConfig, choose_compute_dtype, generate, heldout_loss, train
 from .data import encode_chat, load_splits, perplexity_tokens, resolve_data_paths
 from .model import (DemoDependencyError, check_model_path, decoder_linear_names,
                     dense_memory_rows, load_model, quantized_memory_rows, truncate_layers)
 from .perplexity import perplexity_table, table_header
 from .report import memory_table, perplexity_markdown, plot_losses, write_json
-from .train import choose_compute_dtype, generate, heldout_loss, train
 
 GEN_PROMPT = "What is the capital of France?"
 # Held-out tokens for perplexity. FP4 and INT4 are ~1% apart on this model (its GGUF weights
@@ -39,6 +41,10 @@ GEN_PROMPT = "What is the capital of France?"
 PPL_TOKENS = 4096
 # --quick: perplexity on the full model; fine-tune 2 decoder layers for a few steps.
 QUICK = dict(layers=2, steps=6, max_test=8, gen_tokens=16, save_every=3, lr=3e-3)
+# The demo's preset of the training loop (``qlora-kernels train`` options in brackets):
+# 5 warm-up steps, cosine to 10% [--warmup-steps 5 --min-lr-ratio 0.1], clipping at 1.0
+# [--max-grad-norm 1.0], 256 tokens per example [--max-seq-len 256].
+PRESET = dict(warmup=5, max_grad_norm=1.0, max_seq_len=256)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,9 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; 3e-3 with --quick)")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=32)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    add_lora_arguments(p)
     p.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype of the 4-bit layers (auto: the faster one, measured)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint the adapter every N steps")
@@ -86,44 +90,15 @@ def _resolve(args) -> argparse.Namespace:
     a.lr = args.lr if args.lr is not None else q.get("lr", 1e-3)
     a.max_test = q.get("max_test")
     a.gen_tokens = q.get("gen_tokens", 40)
-    for name, low in (("steps", 1), ("save_every", 1), ("batch_size", 1), ("seq_len", 2),
-                      ("ppl_tokens", 2), ("r", 1), ("layers", 1)):
-        value = getattr(a, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    for name, value in (("lr", a.lr), ("lora-alpha", a.lora_alpha)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--{name} must be a finite number > 0, got {value}")
-    if not 0.0 <= a.lora_dropout < 1.0:
-        raise ValueError(f"--lora-dropout must be in [0, 1), got {a.lora_dropout}")
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device_type = torch.device(a.device).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {a.device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device")
-    _check_out_dir(a.out)
+    check_min((name.replace("_", "-"), getattr(a, name), low) for name, low in (
+        ("steps", 1), ("save_every", 1), ("batch_size", 1), ("seq_len", 2), ("ppl_tokens", 2),
+        ("r", 1), ("layers", 1)))
+    check_positive([("lr", a.lr), ("lora-alpha", a.lora_alpha)])
+    check_dropout(a.lora_dropout)
+    a.device = resolve_device(a.device)
+    check_out_dir(a.out)
     check_model_path(a.model)
     return a
-
-
-def _check_out_dir(out: str) -> None:
-    """``--out`` must be a directory we can create or write into: checked before any work,
-    so a bad one never costs a training run."""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--out {out}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 def run_demo(args: argparse.Namespace, log=print) -> dict:
@@ -199,15 +174,26 @@ def run_demo(args: argparse.Namespace, log=print) -> dict:
         f"{len(names)} linear layers ({n_train / 1e6:.2f}M trainable), PagedAdamW lr {a.lr:g}, "
         f"gradient checkpointing, batch {a.batch_size}, compute {str(compute_dtype)[6:]}"
         + (f" (measured matmul: {why})" if why else ""))
+    warn_if_fallback(tok)  # GGUF tokenizers often carry no chat template
     pad = tok.pad_token_id
-    enc_train = [encode_chat(tok, ex) for ex in train_ex]
-    enc_test = [encode_chat(tok, ex) for ex in test_ex]
+    enc_train = [encode_chat(tok, ex, PRESET["max_seq_len"]) for ex in train_ex]
+    enc_test = [encode_chat(tok, ex, PRESET["max_seq_len"]) for ex in test_ex]
     loss_before = heldout_loss(model, enc_test, pad)
     gen_before = generate(model, tok, GEN_PROMPT, a.gen_tokens)
     log(f"      held-out loss before: {loss_before:.4f} ({len(enc_test)} examples)")
     log(f"      generation before: {GEN_PROMPT!r} -> {gen_before!r}")
-    res = train(model, enc_train, pad, a.steps, a.out, lr=a.lr, batch_size=a.batch_size,
-                save_every=a.save_every, seed=a.seed, base_model_name_or_path=info["path"])
+    adapter_dir = os.path.join(a.out, "adapter")
+    saved = {"step": 0}
+
+    def save(step, optimizer, loop_state):
+        # The demo keeps one adapter (no optimizer state): --out holds what it always held.
+        qk.save_adapter(model, adapter_dir, base_model_name_or_path=info["path"])
+        saved["step"] = step
+
+    cfg = LoopConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, warmup=PRESET["warmup"],
+                     max_grad_norm=PRESET["max_grad_norm"], save_every=a.save_every, seed=a.seed)
+    res = train(model, enc_train, pad, cfg, on_save=save)
+    res.update(saved_step=saved["step"], adapter_dir=adapter_dir)
     for note in res["optimizer_notes"]:
         log(f"      note: {note}")
     log(f"      {res['steps_done']} steps in {res['seconds']:.1f} s, {res['tokens_per_s']:.0f} "

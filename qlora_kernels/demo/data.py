@@ -11,13 +11,13 @@ Example:
 from __future__ import annotations
 
 import ast
-import json
-import random
 import sysconfig
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from ..train.data import encode, read_dataset
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TRAIN_FILE = "answer_format_train.jsonl"
@@ -75,22 +75,10 @@ def resolve_data_paths(data: Optional[str]) -> Tuple[Path, Path]:
     return (parts[0], parts[1]) if len(parts) > 1 else (parts[0], None)
 
 
-def _check_example(obj, where: str) -> List[Dict[str, str]]:
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
-        raise ValueError(f"{where}: expected an object with a non-empty \"messages\" list")
-    for i, m in enumerate(obj["messages"]):
-        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                or not isinstance(m.get("content"), str)):
-            raise ValueError(f"{where}: messages[{i}] must be {{\"role\": system|user|assistant, "
-                             f"\"content\": str}}, got {m!r}"[:300])
-    if obj["messages"][-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last message must be the assistant's reply (the target)")
-    return obj["messages"]
-
-
 def load_jsonl(path) -> List[List[Dict[str, str]]]:
     """Read a chat JSONL file (one ``{"messages": [{"role", "content"}, ...]}`` per line;
-    blank lines skipped). A malformed line raises ValueError naming the file and line.
+    blank lines skipped) into its message lists: ``read_dataset(path, require="chat")``,
+    so a malformed line raises ValueError naming the file and line.
 
     Example:
         >>> import tempfile, os
@@ -100,25 +88,7 @@ def load_jsonl(path) -> List[List[Dict[str, str]]]:
         >>> load_jsonl(p)[0][1]["content"]
         'ANSWER: hello'
     """
-    out = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}, line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{where}: not UTF-8 text ({exc.reason} at byte "
-                                 f"{exc.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            out.append(_check_example(obj, where))
-    if not out:
-        raise ValueError(f"{path}: no examples")
-    return out
+    return [r["messages"] for r in read_dataset(path, require="chat")[1]]
 
 
 def load_splits(data: Optional[str]) -> Tuple[list, list]:
@@ -143,61 +113,15 @@ def load_splits(data: Optional[str]) -> Tuple[list, list]:
 
 
 def encode_chat(tokenizer, messages: Sequence[Dict[str, str]], max_len: int = 256):
-    """Token ids and labels of one example: labels are -100 on the prompt (everything up
-    to the assistant's turn), so the loss is on the reply only.
+    """Token ids and labels of one chat example (``train.data.encode``): labels are -100
+    on the prompt (everything up to the assistant's turn), so the loss is on the reply only.
 
     Example (needs a chat tokenizer):
         ids, labels = encode_chat(tok, [{"role": "user", "content": "hi"},
                                         {"role": "assistant", "content": "ANSWER: hello"}])
     """
-    prompt = tokenizer.apply_chat_template(list(messages[:-1]), add_generation_prompt=True,
-                                           tokenize=False)
-    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template does not render the prompt as a prefix of the "
-                         "full conversation; cannot mask the prompt")
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    ids = (p_ids + r_ids)[:max_len]
-    labels = ([-100] * len(p_ids) + r_ids)[:max_len]
+    ids, labels, _ = encode(tokenizer, {"messages": list(messages)}, "chat", max_len)
     return ids, labels
-
-
-def collate(batch: Sequence[Tuple[List[int], List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad a list of (ids, labels) to a batch with an attention mask.
-
-    Example:
-        >>> b = collate([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=0)
-        >>> b["input_ids"].tolist(), b["labels"][1].tolist()
-        ([[1, 2, 3], [4, 0, 0]], [4, -100, -100])
-    """
-    n = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, :len(x)] = torch.tensor(x)
-        labels[i, :len(y)] = torch.tensor(y)
-        mask[i, :len(x)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def batches(encoded: list, batch_size: int, steps: int, seed: int = 0):
-    """``steps`` batches of ``batch_size`` examples, reshuffling every epoch.
-
-    Example:
-        >>> [len(b) for b in batches(list(range(5)), 2, 4)]
-        [2, 2, 2, 2]
-    """
-    rng = random.Random(seed)
-    order: List[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(encoded)))
-            rng.shuffle(fresh)
-            order += fresh
-        yield [encoded[i] for i in order[:batch_size]]
-        del order[:batch_size]
 
 
 def stdlib_docstrings(stdlib_dir: Optional[str] = None, modules: Sequence[str] = STDLIB_MODULES) -> str:
@@ -246,6 +170,6 @@ def perplexity_tokens(tokenizer, n_tokens: int, stdlib_dir: Optional[str] = None
     return torch.tensor(ids[:n_tokens], dtype=torch.long)
 
 
-__all__ = ["load_jsonl", "load_splits", "encode_chat", "collate", "batches",
+__all__ = ["load_jsonl", "load_splits", "encode_chat",
            "stdlib_docstrings", "perplexity_tokens", "default_data_paths", "resolve_data_paths",
            "DATA_DIR"]

@@ -62,9 +62,10 @@ def perplexity_markdown(rows: List[dict]) -> str:
 
 
 def plot_losses(losses: List[float], path: str, heldout: Optional[tuple] = None,
-                title: str = "QLoRA fine-tune") -> bool:
-    """Save the per-step training loss (and the held-out loss before/after as two points)
-    to a PNG. Returns False (and writes nothing) when matplotlib is not installed.
+                title: str = "QLoRA fine-tune", evals: Optional[List[tuple]] = None) -> bool:
+    """Save the per-step training loss (and the held-out loss before/after as two points,
+    or ``evals``, ``(step, loss)`` points of periodic evaluation) to a PNG. Returns False
+    (and writes nothing) when matplotlib is not installed.
 
     Example:
         plot_losses([2.0, 1.5, 1.2], "runs/demo/loss.png", heldout=(2.1, 1.3))
@@ -80,6 +81,8 @@ def plot_losses(losses: List[float], path: str, heldout: Optional[tuple] = None,
     ax.plot(steps, losses, label="training loss (per step)", lw=1.2)
     if heldout is not None and len(losses):
         ax.plot([0, len(losses)], list(heldout), "o--", label="held-out loss", ms=5)
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o--", label="eval loss", ms=5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
