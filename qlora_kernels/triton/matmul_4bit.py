@@ -47,7 +47,7 @@ from .dequantize_4bit import cast_rn, load_absmax
 # bytes per element), e.g. 16x64x64 tiles take 10 / 58 / 106 KiB with 1 / 2 / 3 stages.
 # float32 x doubles the x tile and the decoded W tile: FLOAT32_STAGES lowers the stage count
 # of the configs that would not fit then (128x64x32 with 4 stages needs 128 KiB, 3 take 96).
-# tests/test_triton_sm89.py compiles each for sm_80/86/89 without a GPU (float32 and bf16)
+# tests/test_triton_gemm_configs.py compiles each for sm_80/86/89 without a GPU (float32 and bf16)
 # and checks its shared memory and that it spills no registers.
 GPU_TILE_CONFIGS = [
     (16, 64, 64, 4, 2), (16, 128, 64, 8, 1), (32, 64, 64, 4, 2), (32, 128, 64, 8, 1),

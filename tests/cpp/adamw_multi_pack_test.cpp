@@ -1,7 +1,7 @@
 // Host check of csrc/cuda/adamw_multi_pack.h, the packing of the multi-tensor AdamW launches
 // on machines without a GPU: a stand-in "launch" runs each block's chunk on the CPU the way
 // adamw32_multi_kernel does, and the results must equal a plain per-element loop bit for bit,
-// with every element updated exactly once. Built and run by tests/test_adamw_multi_pack.py.
+// with every element updated exactly once. Built and run by tests/test_cuda_adamw_multi_pack.py.
 // Prints "ok <launches>" and exits 0, or names the first failure and exits 1.
 #include <algorithm>
 #include <cmath>

@@ -113,7 +113,7 @@ def test_load_refuses_a_mixed_pair(tmp_path):
 
 
 def test_weights_record_the_config_they_belong_to(tmp_path):
-    # (PEFT loading the layout: tests/test_prepare_model.py::test_peft_interop_both_ways)
+    # (PEFT loading the layout: tests/test_prepare.py::test_peft_interop_both_ways)
     from safetensors import safe_open
     qk.save_adapter(_version(16, 0.25), str(tmp_path / "a"))
     with safe_open(str(tmp_path / "a" / WEIGHTS_NAME), "pt") as f:
