@@ -217,11 +217,13 @@ def run_child(kind: str, directory: str, device: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def estimate_gib(shape: str) -> float:
+def estimate_gib(shape: str, device: str = "cpu") -> float:
     """``qk.estimate_memory`` for the step's configuration, from the checkpoint's config
-    (embedding and untied head in bf16, chunked loss)."""
+    (embedding and untied head in bf16, chunked loss, and on the CPU the selective
+    checkpointing ``prepare_model`` turns on there)."""
     import qlora_kernels as qk
-    est = qk.estimate_memory(config=_config(shape), r=64, seq_len=512, batch_size=1)
+    est = qk.estimate_memory(config=_config(shape), r=64, seq_len=512, batch_size=1,
+                             selective_checkpointing=device == "cpu")
     return est.total_gb * 1e9 / GIB
 
 
@@ -278,7 +280,7 @@ def main(argv=None):
             if r.get("split"):
                 print(f"       {r['split']}")
         if "step" in kinds:
-            est = estimate_gib(args.shape)
+            est = estimate_gib(args.shape, args.device)
             results["estimate_gib"] = est
             if "error" not in results["step"]:
                 meas = (results["step"]["peak"] - results["step"]["runtime"]) / GIB

@@ -7,8 +7,9 @@ the recompute takes the outputs of ``qlora_kernels::matmul_4bit`` and of the fus
 attention ops from the forward instead of computing them again, and re-runs only the
 cheap ops around them (norms, rotary, activations, the LoRA products). The cost is one
 (tokens x out_features) tensor in the compute dtype per 4-bit layer and one attention
-output per block kept until the backward; for SmolLM2-135M that is 5184 values per token
-per block (benchmarks/README.md has the measured peak RSS against full recompute).
+output per block kept until the backward (``memory.kept_outputs_per_token``; for
+SmolLM2-135M 5760 values per token per block; benchmarks/README.md has the measured peak
+RSS against full recompute).
 
 ``prepare_model(selective_checkpointing=True)`` (and the default ``"auto"`` for a model on
 the CPU; on GPUs checkpointing is mostly there to save memory) calls

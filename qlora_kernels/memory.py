@@ -94,6 +94,9 @@ class MemoryEstimate:
     embeddings_gb: float = 0.0
     loss_gb: float = 0.0
     transient_gb: float = 0.0
+    # Selective checkpointing (``selective_checkpointing=True``; zero otherwise): each 4-bit
+    # layer's output and each block's attention output, kept from the forward to the backward.
+    kept_outputs_gb: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -147,6 +150,19 @@ def linear_params_per_layer(shapes) -> int:
     return 2 * h * h + 2 * h * int(h * kv) + 3 * h * i
 
 
+def kept_outputs_per_token(shapes) -> int:
+    """Values per token that selective checkpointing (``qlora_kernels.checkpointing``) keeps
+    for the backward in one LLaMA decoder layer: the outputs of its seven linear layers and
+    of its attention, from ``shapes = (hidden, intermediate, layers, kv_fraction)``.
+
+    Example:
+        >>> kept_outputs_per_token((576, 1536, 30, 1 / 3))  # SmolLM2-135M
+        5760
+    """
+    h, i, _, kv = shapes
+    return 4 * h + 2 * int(h * kv) + 2 * i
+
+
 def lora_param_count(n_params: float, r: int = 64, shapes=None) -> float:
     """LoRA parameters (A and B) on all linear layers of the LLaMA model closest in size
     (or of ``shapes = (hidden, intermediate, layers, kv_fraction)``):
@@ -184,7 +200,8 @@ def estimate_memory(n_params: Optional[float] = None, r: int = 64, blocksize: in
                     checkpointing: bool = True, fsdp: bool = False,
                     shapes=None, *, vocab_size: Optional[int] = None,
                     tied_embeddings: bool = False, compute_bytes: int = 2,
-                    chunked_loss: bool = True, config=None) -> MemoryEstimate:
+                    chunked_loss: bool = True, config=None,
+                    selective_checkpointing: bool = False) -> MemoryEstimate:
     """Per-device memory of QLoRA fine-tuning, the QLoRA paper's accounting.
 
     Weights in bf16 vs NF4 vs NF4 + double quantization (all parameters counted at the
@@ -219,7 +236,9 @@ def estimate_memory(n_params: Optional[float] = None, r: int = 64, blocksize: in
     their float32 copy, log-softmax and gradient, the compute-dtype gradient); and
     ``transient_gb`` the backward's working set: one decoder layer's activations
     recomputed from its checkpoint (16 hidden-sized values per token) and the largest
-    weight dequantized to the compute dtype.
+    weight dequantized to the compute dtype. ``selective_checkpointing`` (``prepare_model``'s
+    default on the CPU) adds ``kept_outputs_gb``: every 4-bit layer's and attention's output,
+    kept in the compute dtype for the backward (``kept_outputs_per_token`` per layer).
 
     Example:
         >>> e = estimate_memory(7e9)
@@ -232,6 +251,9 @@ def estimate_memory(n_params: Optional[float] = None, r: int = 64, blocksize: in
         >>> e = estimate_memory(config=tinyllama, r=64, seq_len=512)
         >>> round(e.total_gb, 2), round(e.embeddings_gb, 3), round(e.loss_gb, 3)
         (1.54, 0.262, 0.067)
+        >>> e2 = estimate_memory(config=tinyllama, r=64, seq_len=512, selective_checkpointing=True)
+        >>> round(e2.kept_outputs_gb, 3), round(e2.total_gb - e.total_gb, 3)
+        (0.45, 0.45)
     """
     if config is not None:
         n_cfg, shapes, vocab_size, tied_embeddings = _config_shapes(config)
@@ -271,7 +293,10 @@ def estimate_memory(n_params: Optional[float] = None, r: int = 64, blocksize: in
             loss = tokens * vocab_size * (2 * compute_bytes + 3 * 4) / gb
         recompute = tokens * h * 16 * compute_bytes if checkpointing else 0
         transient = (recompute + max(h, inter) * h * compute_bytes) / gb
-    extra = embeddings + loss + transient
+    kept_outputs = 0.0
+    if checkpointing and selective_checkpointing:
+        kept_outputs = tokens * layers * kept_outputs_per_token(shp) * compute_bytes / gb
+    extra = embeddings + loss + transient + kept_outputs
     sharded = qstate = unsharded = 0.0
     if fsdp:
         sharded = quantized * 0.5 / ws / gb
@@ -289,7 +314,8 @@ def estimate_memory(n_params: Optional[float] = None, r: int = 64, blocksize: in
                           lora_grads_gb=lora_g, optimizer_gb=opt, activations_gb=act,
                           total_gb=total, world_size=ws, weights_sharded_gb=sharded,
                           quant_state_gb=qstate, unsharded_layers_gb=unsharded,
-                          embeddings_gb=embeddings, loss_gb=loss, transient_gb=transient)
+                          embeddings_gb=embeddings, loss_gb=loss, transient_gb=transient,
+                          kept_outputs_gb=kept_outputs)
 
 
 # ---------------------------------------------------------------------------- a model's memory

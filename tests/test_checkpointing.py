@@ -100,3 +100,30 @@ def test_prepare_model_selective_option():
     with pytest.raises(ValueError, match="selective_checkpointing"):
         qk.prepare_model(model, r=2, verbose=False, selective_checkpointing="yes")
     assert not any(isinstance(m, qk.QLoRALinear) for m in model.modules())
+
+
+def test_estimate_memory_counts_what_selective_checkpointing_keeps():
+    """estimate_memory's kept_outputs term against the values the policy actually keeps:
+    the outputs of SAVED_OPS in one forward of a tiny LLaMA (GQA, so q and k/v differ)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qlora_kernels.memory import kept_outputs_per_token
+
+    class CountSaved(TorchDispatchMode):
+        values = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in checkpointing.SAVED_OPS:
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                CountSaved.values += first.numel()
+            return out
+
+    model = _prepared_llama(torch.float32, selective=True)
+    ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), CountSaved():
+        model(input_ids=ids)
+    cfg = model.config
+    shapes = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+              cfg.num_key_value_heads / cfg.num_attention_heads)
+    assert CountSaved.values == ids.numel() * cfg.num_hidden_layers * kept_outputs_per_token(shapes)
