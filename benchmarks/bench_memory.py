@@ -9,7 +9,11 @@ directory (removed afterwards), then measures, each in its own process:
   model's bytes; MB/s of checkpoint read;
 * ``step``: peak RSS of one QLoRA training step on it (batch 1, 512 tokens, r=64
   all-linear, gradient checkpointing, ``qk.optim.PagedAdamW``), beside
-  ``qk.estimate_memory``'s figure for the same configuration;
+  ``qk.estimate_memory``'s figure for the same configuration; ``prepare_model``'s defaults,
+  so on the CPU with selective checkpointing (faster, and it keeps every 4-bit layer's
+  output for the backward);
+* ``step_full``: the same step recomputing everything (``selective_checkpointing=False``),
+  the least memory;
 * ``bnb``: transformers + bitsandbytes' load of the same checkpoint (when installed);
 * ``rates``: the disk's raw read rate of the largest shard (dropped from the page cache
   first) and ``qk.quantize_4bit``'s rate per CPU path, the two halves of a load's time.
@@ -19,7 +23,7 @@ The checkpoint was just written, so its pages are likely in the page cache: the 
 then the load's own speed, an upper bound on a cold disk's.
 
 Usage: python benchmarks/bench_memory.py [--shape 1b|7b|tiny] [--device cpu] [--json out.json]
-       [--skip step,bnb,rates] [--dir existing_checkpoint]
+       [--skip step,step_full,bnb,rates] [--dir DIR (written there and kept if missing)]
 """
 from __future__ import annotations
 
@@ -128,12 +132,12 @@ def child_load(directory: str, device: str) -> dict:
             "model_bytes": _model_bytes(model), "split": log.getvalue().strip()}
 
 
-def child_step(directory: str, device: str) -> dict:
+def child_step(directory: str, device: str, selective="auto") -> dict:
     import transformers  # noqa: F401
     import qlora_kernels as qk
     base = _peak(device)
     model = qk.from_pretrained(directory, device=device, progress=False, compute_dtype="bfloat16",
-                               r=64, lora_alpha=16)
+                               r=64, lora_alpha=16, selective_checkpointing=selective)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -205,7 +209,8 @@ def child_rates(directory: str, device: str) -> dict:
     return out
 
 
-CHILDREN = {"load": child_load, "step": child_step, "bnb": child_bnb, "rates": child_rates}
+CHILDREN = {"load": child_load, "step": child_step, "bnb": child_bnb, "rates": child_rates,
+            "step_full": lambda directory, device: child_step(directory, device, False)}
 
 
 def run_child(kind: str, directory: str, device: str) -> dict:
@@ -217,13 +222,12 @@ def run_child(kind: str, directory: str, device: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def estimate_gib(shape: str, device: str = "cpu") -> float:
+def estimate_gib(shape: str, selective: bool) -> float:
     """``qk.estimate_memory`` for the step's configuration, from the checkpoint's config
-    (embedding and untied head in bf16, chunked loss, and on the CPU the selective
-    checkpointing ``prepare_model`` turns on there)."""
+    (embedding and untied head in bf16, chunked loss, selective checkpointing or not)."""
     import qlora_kernels as qk
     est = qk.estimate_memory(config=_config(shape), r=64, seq_len=512, batch_size=1,
-                             selective_checkpointing=device == "cpu")
+                             selective_checkpointing=selective)
     return est.total_gb * 1e9 / GIB
 
 
@@ -232,8 +236,9 @@ def main(argv=None):
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json")
-    ap.add_argument("--skip", default="", help="comma-separated: step, bnb, rates")
-    ap.add_argument("--dir", help="use this checkpoint instead of writing one")
+    ap.add_argument("--skip", default="", help="comma-separated: step, step_full, bnb, rates")
+    ap.add_argument("--dir", help="use this checkpoint instead of a temporary one (written "
+                    "there and kept when DIR does not exist)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -246,15 +251,19 @@ def main(argv=None):
     directory = args.dir
     results = {"shape": args.shape, "device": device_info(args.device)}
     try:
-        if directory is None:
-            tmp = directory = tempfile.mkdtemp(prefix=f"qk-bench-{args.shape}-")
+        if directory is None or not os.path.exists(directory):
+            if directory is None:
+                tmp = directory = tempfile.mkdtemp(prefix=f"qk-bench-{args.shape}-")
+            else:
+                os.makedirs(directory)
             t0 = time.perf_counter()
             nbytes = write_checkpoint(args.shape, directory)
             print(f"wrote {nbytes / GIB:.2f} GiB of bf16 weights in {time.perf_counter() - t0:.0f} s")
         nbytes = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
                      if f.endswith(".safetensors"))
         results["checkpoint_bytes"] = nbytes
-        kinds = [k for k in ("rates", "load", "step", "bnb") if k == "load" or k not in skip]
+        kinds = [k for k in ("rates", "load", "step", "step_full", "bnb")
+                 if k == "load" or k not in skip]
         if "bnb" in kinds and optional_bitsandbytes() is None:
             kinds.remove("bnb")
         for kind in kinds:
@@ -270,7 +279,7 @@ def main(argv=None):
                       + f" (bf16 {r['quantize_shape']}, NF4 + DQ)")
                 continue
             extra = r["peak"] - r["runtime"]
-            line = (f"{kind:5s}: peak {r['peak'] / GIB:6.2f} GiB, runtime's own "
+            line = (f"{kind}: peak {r['peak'] / GIB:6.2f} GiB, runtime's own "
                     f"{r['runtime'] / GIB:.2f} GiB, peak - runtime {extra / GIB:6.2f} GiB, "
                     f"model {r['model_bytes'] / GIB:.2f} GiB, {r['seconds']:6.1f} s")
             if kind in ("load", "bnb"):
@@ -279,13 +288,15 @@ def main(argv=None):
             print(line)
             if r.get("split"):
                 print(f"       {r['split']}")
-        if "step" in kinds:
-            est = estimate_gib(args.shape, args.device)
-            results["estimate_gib"] = est
-            if "error" not in results["step"]:
-                meas = (results["step"]["peak"] - results["step"]["runtime"]) / GIB
-                print(f"step : peak - runtime {meas:.2f} GiB vs estimate_memory {est:.2f} GiB "
-                      f"({100 * (meas / est - 1):+.0f}%)")
+        for kind in ("step", "step_full"):
+            if kind not in kinds or "error" in results[kind]:
+                continue
+            # prepare_model's "auto" turns selective checkpointing on for a model on the CPU
+            est = estimate_gib(args.shape, kind == "step" and args.device == "cpu")
+            results[kind]["estimate_gib"] = est
+            meas = (results[kind]["peak"] - results[kind]["runtime"]) / GIB
+            print(f"{kind}: peak - runtime {meas:.2f} GiB vs estimate_memory {est:.2f} GiB "
+                  f"({100 * (meas / est - 1):+.0f}%)")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -103,6 +103,18 @@ def test_unknown_keyword_is_refused_before_loading(llama_dir, reads):
     with pytest.raises(TypeError, match="lora_rank"):
         qk.from_pretrained(llama_dir, lora_rank=4)
     assert reads["n"] == 0
+    with pytest.raises(TypeError, match="give LoRA arguments too"):
+        qk.from_pretrained(llama_dir, selective_checkpointing=False)
+    assert reads["n"] == 0
+
+
+@pytest.mark.parametrize("selective", [True, False])
+def test_training_options_reach_prepare_model(llama_dir, selective, single_thread):
+    model = qk.from_pretrained(llama_dir, compute_dtype="float32", progress=False, r=4,
+                               selective_checkpointing=selective, chunked_loss=False)
+    # enable_selective_checkpointing binds the model's own _set_gradient_checkpointing
+    assert ("_set_gradient_checkpointing" in model.__dict__) == selective
+    assert type(model).forward is model.forward.__func__  # no chunked-loss forward
 
 
 @pytest.mark.parametrize("dq_code", ["fp8", "dynamic"])

@@ -35,6 +35,8 @@ from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_ARGS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "init", "adapter_dtype")
+# prepare_model's training options, used with LoRA arguments
+TRAINING_ARGS = ("chunked_loss", "selective_checkpointing")
 
 
 @dataclass
@@ -286,7 +288,8 @@ def from_pretrained(path, *, quant_type: str = "nf4", double_quant: bool = True,
     as their weights arrive, on ``device``; every other tensor is stored in
     ``compute_dtype`` (``"auto"``: see ``resolve_compute_dtype``). Tied weights stay tied.
     LoRA arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init``,
-    ``adapter_dtype``) wrap the 4-bit layers as ``prepare_model`` does.
+    ``adapter_dtype``) wrap the 4-bit layers as ``prepare_model`` does, with its training
+    options ``chunked_loss`` and ``selective_checkpointing`` when given.
 
     Every check (files, keys, shapes, config) runs before the first tensor is read;
     problems raise ``CheckpointError`` (a ValueError) naming the file and key. ``progress``
@@ -296,10 +299,13 @@ def from_pretrained(path, *, quant_type: str = "nf4", double_quant: bool = True,
         >>> import qlora_kernels as qk
         >>> model = qk.from_pretrained("path/to/llama", r=16)  # doctest: +SKIP
     """
-    unknown = sorted(set(prepare_kwargs) - set(LORA_ARGS))
+    unknown = sorted(set(prepare_kwargs) - set(LORA_ARGS) - set(TRAINING_ARGS))
     if unknown:
         raise TypeError(f"from_pretrained got unexpected arguments {unknown}; LoRA arguments "
-                        f"are {list(LORA_ARGS)}")
+                        f"are {list(LORA_ARGS)}, with the options {list(TRAINING_ARGS)}")
+    if prepare_kwargs and not set(prepare_kwargs) & set(LORA_ARGS):
+        raise TypeError(f"from_pretrained: {sorted(prepare_kwargs)} apply to the LoRA layers; "
+                        f"give LoRA arguments too (e.g. r=16)")
     path = os.fspath(path)
     if path.endswith(".gguf"):
         from .gguf import from_gguf
