@@ -50,6 +50,9 @@ import qlora_kernels as qk  # noqa: E402
 from benchmarks.bench_lora import allocation_trace  # noqa: E402
 from benchmarks.timing import (device_info, median_time, optional_bitsandbytes,  # noqa: E402
                                write_json)
+# the training loop's own switch (non-reentrant checkpointing), imported here so that
+# importing this file (tests/test_benchmarks.py) checks it still exists
+from qlora_kernels.train.loop import _checkpointing  # noqa: E402
 
 
 def build(kind: str, cfg: dict, device: str, r: int):
@@ -161,7 +164,6 @@ def _build_model(config: str):
 def run_one(config: str, batch: int, seq: int, steps: int) -> dict:
     """One configuration, in this process: tokens/s (median step) and peak RSS."""
     from qlora_kernels.demo.data import perplexity_tokens
-    from qlora_kernels.demo.train import _checkpointing
 
     lm, tok, opt, dtype = _build_model(config)
     n_lora = sum(1 for n, _ in lm.named_modules() if n.endswith("lora_A"))
