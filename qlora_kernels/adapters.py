@@ -28,6 +28,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .fileio import make_temp_dir
 from .lora import QLoRALinear
 from .prepare import (linear_names, lora_layers, match_module_name, prepare_model,
                       resolve_target_modules)
@@ -155,6 +156,24 @@ def recover_adapter_dir(path: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on the tensors and metadata: the
+    header is written with its keys sorted (safetensors serializes ``__metadata__`` from a
+    hash map, in an order that changes from process to process), so a resumed run's
+    adapter equals an uninterrupted run's byte for byte."""
+    from safetensors.torch import save
+
+    blob = memoryview(save(tensors, metadata=metadata))
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(bytes(blob[8:8 + n])), separators=(",", ":"),
+                        sort_keys=True).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(blob[8 + n:])
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -176,7 +195,9 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[
     removed. Other plain files in ``path`` are carried over (hard links); a subdirectory
     there is refused, as the directory is replaced as a whole. The weights file records
     the config fields it depends on, so ``load_adapter`` refuses a mixed pair.
-    Tensors are stored in the adapters' dtype. ``task_type="auto"`` derives PEFT's task
+    Tensors are stored in the adapters' dtype; the same adapters and config give the same
+    bytes in any process (a resumed run's adapter equals an uninterrupted run's). Files and
+    directory get the usual permissions (0666 / 0777 less umask). ``task_type="auto"`` derives PEFT's task
     type from a transformers class name (``...ForCausalLM`` -> ``CAUSAL_LM``).
 
     Example:
@@ -185,8 +206,6 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[
         >>> d = tempfile.mkdtemp(); qk.save_adapter(m, d); sorted(os.listdir(d))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    from safetensors.torch import save_file
-
     config = adapter_config(model, base_model_name_or_path, task_type)
     tensors = {}
     for name, m in lora_layers(model).items():
@@ -209,14 +228,11 @@ def save_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[
             extra.append(entry.name)
     parent, base = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    tmp = make_temp_dir(parent, f".{base}.tmp-")
     old = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME),
-                  metadata={"format": "pt", PAIRING_KEY: _pairing(config)})
+        _write_safetensors(os.path.join(tmp, WEIGHTS_NAME), tensors,
+                           {"format": "pt", PAIRING_KEY: _pairing(config)})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")

@@ -1,5 +1,6 @@
 """Writing files safely: ``atomic_write``, used by checkpoints, adapters, the demo's reports
-and the benchmarks' result files.
+and the benchmarks' result files, and ``make_temp_dir`` for writes of a whole directory
+(filled, then renamed into place).
 
 Example:
     >>> import os, tempfile
@@ -31,11 +32,37 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once).
+
+    Example:
+        >>> 0 <= current_umask() <= 0o777
+        True
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str, prefix: str, suffix: str = "") -> str:
+    """A new empty directory in ``parent`` (``tempfile.mkdtemp``) with the usual permissions
+    (0777 less umask) instead of mkdtemp's 0700, for a directory that is filled and then
+    renamed into place: the result must be as readable as a directory made by ``mkdir``.
+
+    Example:
+        >>> import os, stat, tempfile
+        >>> d = make_temp_dir(tempfile.mkdtemp(), ".x-")
+        >>> stat.S_IMODE(os.stat(d).st_mode) == 0o777 & ~current_umask()
+        True
+    """
+    path = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
+    os.chmod(path, 0o777 & ~current_umask())
+    return path

@@ -246,3 +246,62 @@ def test_fuzz_load_adapter_rejects_corruption_and_leaves_the_model(tmp_path_fact
     # accepted (a byte flip in a float or a harmless field): finite adapters of the right shape
     for layer in qk.adapters.lora_layers(model).values():
         assert torch.isfinite(layer.lora_A.weight).all() and torch.isfinite(layer.lora_B.weight).all()
+
+
+_SAVE_IN_CHILD = """
+import sys, torch, qlora_kernels as qk
+torch.manual_seed(1)
+m = qk.prepare_model(torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.Linear(24, 8)),
+                     r=3, lora_alpha=6, verbose=False)
+with torch.no_grad():
+    for layer in qk.adapters.lora_layers(m).values():
+        layer.lora_B.weight.normal_()
+for d in sys.argv[1:]:
+    qk.save_adapter(m, d)
+"""
+
+
+def test_save_adapter_bytes_are_the_same_in_every_process(tmp_path):
+    """Safetensors writes ``__metadata__`` from a Rust hash map whose order changes from map
+    to map and process to process; save_adapter's files must not: three saves in each of two
+    processes (different PYTHONHASHSEED) give identical bytes, with a sorted header."""
+    import subprocess
+    import sys
+
+    dirs = []
+    for seed in ("1", "2"):
+        mine = [str(tmp_path / f"p{seed}-{i}") for i in range(3)]
+        env = dict(os.environ, PYTHONHASHSEED=seed, OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, "-c", _SAVE_IN_CHILD, *mine], check=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(qk.__file__)))
+        dirs += mine
+    blobs = {d: open(os.path.join(d, WEIGHTS_NAME), "rb").read() for d in dirs}
+    configs = {d: open(os.path.join(d, CONFIG_NAME), "rb").read() for d in dirs}
+    assert len(set(blobs.values())) == 1 and len(set(configs.values())) == 1
+    blob = blobs[dirs[0]]
+    n = int.from_bytes(blob[:8], "little")
+    assert (8 + n) % 8 == 0
+    header = json.loads(blob[8:8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"]) == ["format", PAIRING_KEY]
+    # Still a valid safetensors file with the model's tensors, loadable back.
+    from safetensors import safe_open
+    with safe_open(os.path.join(dirs[0], WEIGHTS_NAME), framework="pt") as f:
+        assert f.metadata()["format"] == "pt"
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
+    assert shapes == {"base_model.model.0.lora_A.weight": (3, 40), "base_model.model.0.lora_B.weight": (24, 3),
+                      "base_model.model.1.lora_A.weight": (3, 24), "base_model.model.1.lora_B.weight": (8, 3)}
+
+
+def test_save_adapter_gives_the_usual_permissions(tmp_path):
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        d = tmp_path / "adapter"
+        qk.save_adapter(_version(16, 0.25), str(d))
+        qk.save_adapter(_version(32, 0.5), str(d))  # the replacing save too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o640, name

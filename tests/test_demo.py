@@ -92,11 +92,15 @@ def _require_demo_packages():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     _require_demo_packages()
-    out = tmp_path_factory.mktemp("demo")
+    out = tmp_path_factory.mktemp("demo") / "out"  # made by the demo (pytest makes 0700 ones)
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--quick", "--out", str(out), "--device", "cpu"])
-    report = run_demo(args, log=lambda *a: None)
+    old = os.umask(0o022)  # test_quick_demo_files_have_the_usual_permissions
+    try:
+        report = run_demo(args, log=lambda *a: None)
+    finally:
+        os.umask(old)
     return out, report
 
 
@@ -123,6 +127,16 @@ def test_quick_demo_report(quick_run):
     assert tr["heldout_loss_after"] < tr["heldout_loss_before"]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+def test_quick_demo_files_have_the_usual_permissions(quick_run):
+    """Adapter, report.json and loss.png under umask 022: 0644 files, 0755 directories (not
+    mkstemp's 0600 or mkdtemp's 0700)."""
+    from train_tiny import modes_other_than_usual
+
+    out, _ = quick_run
+    assert {"adapter", "report.json", "loss.png"} <= set(os.listdir(out))
+    assert modes_other_than_usual(out, 0o022) == []
 
 def test_quick_demo_adapter_loads(quick_run):
     out, report = quick_run

@@ -267,14 +267,12 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
     qk.save_adapter(model, str(tmp_path))
     saved = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
     _randomize_lora(model, seed=7)
-    import safetensors.torch as st
-
-    def broken_save(tensors, filename, metadata=None):
+    def broken_save(filename, tensors, metadata):
         with open(filename, "wb") as f:
             f.write(b"\x00" * 100)  # half-written file
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(st, "save_file", broken_save)
+    monkeypatch.setattr(qk.adapters, "_write_safetensors", broken_save)
     with pytest.raises(KeyboardInterrupt):
         qk.save_adapter(model, str(tmp_path))
     monkeypatch.undo()

@@ -14,7 +14,7 @@ import qlora_kernels.train.base as train_base
 from qlora_kernels.__main__ import main as cli_main
 from qlora_kernels.prepare import lora_layers
 from qlora_kernels.train.command import read_log
-from train_tiny import CHAT, require_packages, save_tiny_model, write_jsonl
+from train_tiny import CHAT, modes_other_than_usual, require_packages, save_tiny_model, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,55 @@ def test_run_outputs(run):
     last = load_file(str(run / "checkpoint-6" / "adapter" / "adapter_model.safetensors"))
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
 
+
+
+def test_every_written_file_has_the_usual_permissions(tiny, tmp_path):
+    """Under umask 022, a train run (checkpoints, adapter, log.jsonl, loss.png), its resume
+    (which rewrites log.jsonl) and both merges write 0644 files and 0755 directories, not
+    the 0600 / 0700 that mkstemp / mkdtemp give."""
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert cli_main(_train_argv(tiny, out, "--max-steps", "2", "--save-every", "1")) == 0
+        shutil.rmtree(out / "checkpoint-2")
+        assert cli_main(_train_argv(tiny, out, "--max-steps", "2", "--save-every", "1",
+                                    "--resume")) == 0
+        for name, extra in (("merged", []), ("merged_q", ["--quantized"])):
+            assert cli_main(["merge", "--model", tiny["model"], "--adapter", str(out / "adapter"),
+                             "--out", str(tmp_path / name), *extra]) == 0
+    finally:
+        os.umask(old)
+    assert {"adapter", "checkpoint-1", "checkpoint-2", "log.jsonl", "loss.png"} <= set(os.listdir(out))
+    for root in (out, tmp_path / "merged", tmp_path / "merged_q"):
+        assert modes_other_than_usual(root, 0o022) == [], root
+
+
+def test_train_with_the_demos_options_repeats_the_demo(tiny, tmp_path):
+    """``demo`` and ``train`` share the loop, the base model's loading and the seeding: with
+    the demo's preset as options, train gives the demo's per-step losses, held-out losses
+    and adapter bytes exactly."""
+    from qlora_kernels.demo import PRESET, add_arguments, run_demo
+
+    p = __import__("argparse").ArgumentParser()
+    add_arguments(p)
+    data = f"{tiny['train']},{tiny['eval']}"
+    common = ["--batch-size", "2", "--lr", "5e-3", "--compute-dtype", "bfloat16", "--device", "cpu",
+              "--save-every", "2"]
+    demo = run_demo(p.parse_args(["--model", tiny["model"], "--data", data, "--out",
+                                  str(tmp_path / "demo"), "--steps", "4", "--skip-perplexity",
+                                  *common]), log=lambda *a: None)["train"]
+    assert cli_main(["train", "--model", tiny["model"], "--data", data, "--out",
+                     str(tmp_path / "train"), "--max-steps", "4",
+                     "--warmup-steps", str(PRESET["warmup"]),
+                     "--max-grad-norm", str(PRESET["max_grad_norm"]),
+                     "--max-seq-len", str(PRESET["max_seq_len"]), *common]) == 0
+    rows = read_log(tmp_path / "train" / "log.jsonl")
+    assert [r["loss"] for r in rows if "loss" in r] == demo["losses"]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert evals == [demo["heldout_loss_before"], demo["heldout_loss_after"]]
+    assert evals[1] < evals[0]
+    weights = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "train" / weights).read_bytes() == (tmp_path / "demo" / weights).read_bytes()
 
 def test_packing_text_format_and_fallback_template(tiny, tmp_path, capsys):
     """Text data packed, then chat data on a tokenizer without a chat template: one

@@ -77,3 +77,17 @@ def write_jsonl(path, rows) -> str:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return str(path)
+
+
+def modes_other_than_usual(root, umask: int) -> list:
+    """Every file and directory under ``root`` (itself included) whose permission bits are
+    not the usual ones for ``umask`` (0666 / 0777 less umask), as ``(path, octal mode)``."""
+    import stat
+
+    wrong = []
+    for d, dirs, files in os.walk(root):
+        for path, usual in [(d, 0o777)] + [(os.path.join(d, f), 0o666) for f in files]:
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            if mode != usual & ~umask:
+                wrong.append((os.path.relpath(path, root), oct(mode)))
+    return wrong

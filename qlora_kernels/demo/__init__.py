@@ -18,18 +18,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import sys
 import time
 
 import torch
 
+from ..prepare import lora_layers
 from ..train.args import (add_lora_arguments, check_dropout, check_min, check_out_dir,
                           check_positive, resolve_device)
+from ..train.base import load_base
 from ..train.data import warn_if_fallback
 from ..train.loop import LoopConfig, choose_compute_dtype, generate, heldout_loss, train
 from .data import encode_chat, load_splits, perplexity_tokens, resolve_data_paths
 from .model import (DemoDependencyError, check_model_path, decoder_linear_names,
-                    dense_memory_rows, load_model, quantized_memory_rows, truncate_layers)
+                    dense_memory_rows, load_model, quantized_memory_rows)
 from .perplexity import perplexity_table, table_header
 from .report import memory_table, perplexity_markdown, plot_losses, write_json
 
@@ -157,17 +160,21 @@ def run_demo(args: argparse.Namespace, log=print) -> dict:
         ppl_rows = perplexity_table(model, ids, a.seq_len, compute_dtype=compute_dtype, log=log)
         report["perplexity"] = {"tokens": int(ids.numel()), "seq_len": a.seq_len,
                                 "source": "standard-library docstrings", "rows": ppl_rows}
+    # ------------------------------------------------------------------ 4. fine-tune
+    # The fine-tune starts from the base `qlora-kernels train` loads (the linear layers in
+    # NF4 + DQ, every other weight in the compute dtype, not the float32 of the tables above)
+    # after the same seeding, so `train` with the demo's options repeats it step for step.
+    del model
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    model, tok = load_base(info["path"], str(compute_dtype)[6:], a.device, a.layers)
     if a.layers is not None:
-        truncate_layers(model, a.layers)
-        names = decoder_linear_names(model)
         log(f"[3/5] --layers {a.layers}: fine-tuning the first {a.layers} decoder layers only")
     else:
         log("[3/5] fine-tuning the whole model")
-
-    # ------------------------------------------------------------------ 4. fine-tune
     qk.prepare_model(model, target_modules="all-linear", r=a.r, lora_alpha=a.lora_alpha,
-                     lora_dropout=a.lora_dropout, quant_type="nf4", double_quant=True,
-                     compute_dtype=compute_dtype, verbose=False)
+                     lora_dropout=a.lora_dropout, compute_dtype=compute_dtype, verbose=False)
+    names = list(lora_layers(model))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     why = (", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timings.items()))
     log(f"[4/5] QLoRA fine-tune: NF4 + DQ base, LoRA r={a.r} alpha={a.lora_alpha:g} on all "

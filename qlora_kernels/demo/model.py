@@ -85,11 +85,12 @@ def _save_cache(lm, tok, target: Path) -> None:
     """Save the converted model and tokenizer; written to a temporary directory and renamed
     so an interrupted save never leaves a half cache. Failure to cache is not an error."""
     import shutil
-    import tempfile
+
+    from ..fileio import make_temp_dir
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        tmp = Path(make_temp_dir(str(target.parent), target.name + "."))
         # transformers marks a GGUF-loaded model as "quantized" (not serializable), though
         # its weights are plain float tensors: save them without that marker.
         quantizer = getattr(lm, "hf_quantizer", None)

@@ -1,6 +1,6 @@
 """Training checkpoints for exact resume: ``DIR/checkpoint-STEP/`` holds
 
-- ``adapter/``: the LoRA adapter (PEFT layout, ``qk.save_adapter``);
+- ``adapter/``: the LoRA adapter (PEFT layout, ``qk.save_adapter``, reproducible bytes);
 - ``optimizer.pt``: the optimizer's ``state_dict`` (paged state loads back paged);
 - ``rng.pt``: the state of every generator the run draws from (torch CPU, every CUDA
   device, Python's ``random``, NumPy's global one);
@@ -26,57 +26,13 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from typing import Optional
 
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import make_temp_dir
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def canonical_safetensors(path: str) -> None:
-    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted (the
-    writer serializes them from a hash map, in an order that changes from process to
-    process), atomically: the same tensors and metadata always give the same bytes.
-
-    Example:
-        >>> import os, tempfile, torch
-        >>> from safetensors.torch import save_file
-        >>> p = os.path.join(tempfile.mkdtemp(), "a.safetensors")
-        >>> save_file({"x": torch.ones(2)}, p, metadata={"b": "1", "a": "2"})
-        >>> canonical_safetensors(p); open(p, "rb").read()[8:41]
-        b'{"__metadata__":{"a":"2","b":"1"}'
-    """
-    with open(path, "rb") as f:
-        blob = f.read()
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n], object_pairs_hook=dict)
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    if len(text) > n:  # cannot happen for a reordering; leave the file as written
-        return
-    text += b" " * (n - len(text))
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(blob[:8] + text + blob[8 + n:])
-    atomic_write(path, write)
-
-
-def save_adapter(model, path: str, base_model_name_or_path: Optional[str] = None) -> None:
-    """``qk.save_adapter`` with reproducible bytes (``canonical_safetensors``), so an
-    interrupted-and-resumed run's adapter equals an uninterrupted run's byte for byte.
-
-    Example (needs a prepared model):
-        save_adapter(model, "runs/x/adapter")
-    """
-    import qlora_kernels as qk
-
-    qk.save_adapter(model, path, base_model_name_or_path=base_model_name_or_path)
-    canonical_safetensors(os.path.join(path, "adapter_model.safetensors"))
 
 
 def _rng_state() -> dict:
@@ -141,14 +97,16 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, args
     Example (needs a prepared model and its optimizer):
         save_checkpoint("runs/x", 10, model, opt, {"step": 10}, vars(args), keep=3)
     """
+    import qlora_kernels as qk
+
     os.makedirs(out_dir, exist_ok=True)
     for e in os.listdir(out_dir):  # leftovers of saves killed halfway
         if e.startswith(".checkpoint-") and e.endswith(".tmp"):
             shutil.rmtree(os.path.join(out_dir, e), ignore_errors=True)
     final = os.path.join(out_dir, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}-", suffix=".tmp", dir=out_dir)
+    tmp = make_temp_dir(out_dir, f".checkpoint-{step}-", ".tmp")
     try:
-        save_adapter(model, os.path.join(tmp, "adapter"), base_model_name_or_path)
+        qk.save_adapter(model, os.path.join(tmp, "adapter"), base_model_name_or_path)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
         for name, obj in (("args.json", args), ("state.json", dict(state, step=step))):

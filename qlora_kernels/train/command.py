@@ -73,7 +73,7 @@ def run_train(args: argparse.Namespace, log=print, stream=None) -> dict:
 
     from ..demo.report import plot_losses
     from .base import load_base
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     a = check_train_args(args)
     log(f"data: {a.train_path}: {len(a.records)} {a.train_format} records"
@@ -155,7 +155,7 @@ def run_train(args: argparse.Namespace, log=print, stream=None) -> dict:
     res["optimizer_notes"] = notes
     adapter_dir = os.path.join(a.out, "adapter")
     if not res["interrupted"] and not res["stopped"]:
-        save_adapter(model, adapter_dir, a.model)
+        qk.save_adapter(model, adapter_dir, a.model)
     rows = read_log(log_path)
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
