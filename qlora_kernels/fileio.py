@@ -32,7 +32,7 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
+        set_usual_file_mode(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -50,6 +50,35 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def set_usual_file_mode(path: str) -> None:
+    """Give a file the mode ``open`` would (0666 less umask): ``mkstemp`` and safetensors'
+    ``save_file`` create theirs 0600, which other users of a shared model directory could
+    not read.
+
+    Example:
+        >>> import os, stat, tempfile
+        >>> fd, p = tempfile.mkstemp(); os.close(fd); set_usual_file_mode(p)
+        >>> stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~current_umask()
+        True
+    """
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict = None) -> None:
+    """safetensors' ``save_file`` with the usual file mode (``set_usual_file_mode``).
+
+    Example:
+        >>> import os, stat, tempfile, torch
+        >>> p = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+        >>> save_safetensors({"w": torch.ones(2)}, p, {"format": "pt"})
+        >>> stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~current_umask()
+        True
+    """
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata=metadata)
+    set_usual_file_mode(path)
 
 
 def make_temp_dir(parent: str, prefix: str, suffix: str = "") -> str:

@@ -4,6 +4,7 @@ round-trip (and, with bitsandbytes installed, both ways with transformers + bits
 and bad checkpoints fail before any tensor is read, naming the file and key."""
 import json
 import os
+import stat
 import shutil
 import sys
 
@@ -121,8 +122,15 @@ def test_training_options_reach_prepare_model(llama_dir, selective, single_threa
 def test_save_pretrained_round_trip(llama_dir, tmp_path, dq_code, single_thread):
     model = qk.from_pretrained(llama_dir, dq_code=dq_code, progress=False)
     out = tmp_path / "q"
-    qk.save_pretrained(model, out, max_shard_size="20KB")
+    old_mask = os.umask(0o022)
+    try:
+        qk.save_pretrained(model, out, max_shard_size="20KB")
+    finally:
+        os.umask(old_mask)
     files = sorted(os.listdir(out))
+    # what mkdir and open would give (safetensors' own files are 0600)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    assert {stat.S_IMODE(os.stat(out / f).st_mode) for f in files} == {0o644}
     assert "model.safetensors.index.json" in files and "config.json" in files
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temp dir left
     qc = json.load(open(out / "config.json"))["quantization_config"]

@@ -149,7 +149,7 @@ def run_demo(args: argparse.Namespace, log=print) -> dict:
         log("      " + line)
 
     # ------------------------------------------------------------------ 2. perplexity
-    compute_dtype, timings = choose_compute_dtype(device, a.compute_dtype)
+    compute_dtype, dtype_why = choose_compute_dtype(device, a.compute_dtype)
     ppl_rows = []
     if not a.skip_perplexity:
         ids = perplexity_tokens(tok, a.ppl_tokens)
@@ -176,11 +176,10 @@ def run_demo(args: argparse.Namespace, log=print) -> dict:
                      lora_dropout=a.lora_dropout, compute_dtype=compute_dtype, verbose=False)
     names = list(lora_layers(model))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    why = (", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timings.items()))
     log(f"[4/5] QLoRA fine-tune: NF4 + DQ base, LoRA r={a.r} alpha={a.lora_alpha:g} on all "
         f"{len(names)} linear layers ({n_train / 1e6:.2f}M trainable), PagedAdamW lr {a.lr:g}, "
-        f"gradient checkpointing, batch {a.batch_size}, compute {str(compute_dtype)[6:]}"
-        + (f" (measured matmul: {why})" if why else ""))
+        f"gradient checkpointing, batch {a.batch_size}, compute {str(compute_dtype)[6:]} "
+        f"({dtype_why})")
     warn_if_fallback(tok)  # GGUF tokenizers often carry no chat template
     pad = tok.pad_token_id
     enc_train = [encode_chat(tok, ex, PRESET["max_seq_len"]) for ex in train_ex]
@@ -219,7 +218,7 @@ def run_demo(args: argparse.Namespace, log=print) -> dict:
         "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
         "generation_prompt": GEN_PROMPT, "generation_before": gen_before,
         "generation_after": gen_after, "compute_dtype": str(compute_dtype)[6:],
-        "compute_dtype_timings_s": timings, "trainable_params": n_train, "r": a.r,
+        "compute_dtype_why": dtype_why, "trainable_params": n_train, "r": a.r,
         "lora_alpha": a.lora_alpha, "train_examples": len(enc_train),
         "test_examples": len(enc_test)}
 

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..fileio import make_temp_dir, save_safetensors
 from ..nn import Linear4bit
 from ..nn.linear4bit import storage_to_packed
 from ..quant_state import QuantState, unpack_tensor_to_dict
@@ -225,7 +226,6 @@ def save_pretrained(model: nn.Module, out_dir: str, max_shard_size="5GB", tokeni
     """
     import copy
 
-    from safetensors.torch import save_file
 
     layers, qt, dq = _bnb_layers(model)
     config = getattr(model, "config", None)
@@ -243,7 +243,7 @@ def save_pretrained(model: nn.Module, out_dir: str, max_shard_size="5GB", tokeni
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = make_temp_dir(parent, f".{os.path.basename(out_dir)}.tmp-")
     try:
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -253,7 +253,7 @@ def save_pretrained(model: nn.Module, out_dir: str, max_shard_size="5GB", tokeni
         for i, shard in enumerate(shards):
             name = SINGLE_FILE if len(shards) == 1 else \
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            save_safetensors(shard, os.path.join(tmp, name), metadata={"format": "pt"})
             for k, v in shard.items():
                 weight_map[k] = name
                 total += v.numel() * v.element_size()
@@ -263,7 +263,6 @@ def save_pretrained(model: nn.Module, out_dir: str, max_shard_size="5GB", tokeni
                           indent=2, sort_keys=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
@@ -276,8 +275,3 @@ def save_pretrained(model: nn.Module, out_dir: str, max_shard_size="5GB", tokeni
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -26,38 +26,23 @@ from .data import collate, microbatch, render_chat
 
 
 # ----------------------------------------------------------------------------- dtype
-def _time_matmul(dtype: torch.dtype, device: torch.device, m: int = 256, k: int = 576,
-                 n: int = 1536, reps: int = 5) -> float:
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
-    (a @ b)  # warm-up (allocator, kernel selection)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
-
-
-def choose_compute_dtype(device: torch.device, requested: str = "auto") -> Tuple[torch.dtype, Dict]:
-    """The compute dtype for the 4-bit layers: ``requested`` ("float32"/"bfloat16"), or with
-    "auto" the faster of the two on a matmul of the model's MLP shape, measured now
-    (CPUs without native bf16 run float32 several times faster). Returns (dtype, timings).
+def choose_compute_dtype(device: torch.device, requested: str = "auto") -> Tuple[torch.dtype, str]:
+    """The compute dtype for the 4-bit layers and why: ``requested`` ("float32"/"bfloat16"),
+    or with "auto" what ``qlora_kernels.compute_dtype.resolve_compute_dtype`` picks for
+    ``device`` (the one meaning of "auto", shared with ``prepare_model`` and ``train``).
 
     Example:
-        >>> dt, t = choose_compute_dtype(torch.device("cpu"), "float32"); dt
-        torch.float32
+        >>> choose_compute_dtype(torch.device("cpu"), "float32")
+        (torch.float32, 'requested')
     """
     if requested != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested], {}
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float32, {}
-    timings = {str(dt).replace("torch.", ""): _time_matmul(dt, device)
-               for dt in (torch.float32, torch.bfloat16)}
-    best = min(timings, key=timings.get)
-    return getattr(torch, best), timings
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested], "requested"
+    from ..compute_dtype import resolve_compute_dtype
+    dtype = resolve_compute_dtype("auto", device)
+    if device.type == "cuda":
+        return dtype, "auto: bf16 on CUDA"
+    native = "computes" if dtype == torch.bfloat16 else "does not compute"
+    return dtype, f"auto: this CPU {native} bf16 natively"
 
 
 # ----------------------------------------------------------------------------- memory

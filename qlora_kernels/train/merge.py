@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..fileio import current_umask
+from ..fileio import set_usual_file_mode
 from .args import UsageError, check_model, check_out_dir, run_command
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -126,9 +126,10 @@ def run_merge(args: argparse.Namespace, log=print) -> dict:
         model.save_pretrained(args.out)
         tok.save_pretrained(args.out)
         log(f"merged {n} adapted layers into a dense {args.dtype} model: {args.out}")
-    for entry in os.scandir(args.out):  # safetensors' save_file creates its file 0600
-        if entry.is_file(follow_symlinks=False):
-            os.chmod(entry.path, 0o666 & ~current_umask())
+    if not args.quantized:  # transformers' save_pretrained writes safetensors' 0600 files
+        for entry in os.scandir(args.out):
+            if entry.is_file(follow_symlinks=False):
+                set_usual_file_mode(entry.path)
     return result
 
 
