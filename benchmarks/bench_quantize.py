@@ -14,13 +14,20 @@ dequantize_4bit (NF4, with and without compress_statistics) are rows of backend
 the round-robin, into ``out=`` where bitsandbytes has an ``out`` kernel for the device
 (not its CPU backend: there it allocates, ``"out": false`` in the row).
 
+``--isa-paths`` instead times the CPU 8-bit blockwise encoder (op ``quantize_8bit``, float32
+x, the signed dynamic code, blocksize 256, as ``quantize_blockwise``) on each SIMD path this
+CPU has (avx2 and up, forced with ``cpu_dispatch.set_cpu_isa``), round-robin in one process
+(process CPU time with ``--threads 1``), and prints each path's time and avx2's time over it.
+
 Usage: python benchmarks/bench_quantize.py [--json out.json] [--quick] [--device cuda]
+       python benchmarks/bench_quantize.py --isa-paths [--threads 1] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -28,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
 from benchmarks.timing import (device_info, median_ratio, median_time,  # noqa: E402
                                optional_bitsandbytes, paired_times, write_json)
+from qlora_kernels import cpu_dispatch  # noqa: E402
+from qlora_kernels.formats import dynamic_map  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 
@@ -110,13 +119,48 @@ def bench(device: str, shapes, backends, reps: int, bnb=None):
     return rows
 
 
+def bench_isa_paths_8bit(sizes, rounds: int, clock) -> list:
+    """quantize_8bit on every SIMD path this CPU has, per number of elements."""
+    best = cpu_dispatch.cpu_isa()
+    paths = [p for p in cpu_dispatch.ISA_NAMES[1: cpu_dispatch.ISA_NAMES.index(best) + 1]
+             if p != "avx512_bf16"]  # the encoder has no bf16-instruction path of its own
+    code = dynamic_map(signed=True)
+    out = []
+    try:
+        for n in sizes:
+            x = torch.randn(n)
+
+            def run(path, x=x):
+                cpu_dispatch.set_cpu_isa(path)
+                return torch.ops.qlora_kernels.quantize_8bit(x, code, 256)
+            timed = paired_times({p: (lambda p=p: run(p)) for p in paths}, rounds=rounds,
+                                 clock=clock)
+            out.append({"numel": n, **{f"{p}_ms": v * 1e3 for p, v in timed["median"].items()},
+                        **{f"avx2_over_{p}": median_ratio(timed["rounds"], "avx2", p)
+                           for p in paths}})
+    finally:
+        cpu_dispatch.set_cpu_isa(best)
+    for r in out:
+        cols = " ".join(f"{p} {r[f'{p}_ms']:8.3f} ms (x{r[f'avx2_over_{p}']:.3f})" for p in paths)
+        print(f"quantize_8bit numel {r['numel']:>9}: {cols}")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--quick", action="store_true", help="small shape, few repetitions")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--isa-paths", action="store_true",
+                        help="the CPU 8-bit encoder on each SIMD path this CPU has")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.isa_paths:
+        clock = time.process_time if args.threads == 1 else None
+        sizes = [4096, 1 << 20, 10_000_000]
+        return bench_isa_paths_8bit(sizes, 5 if args.quick else 15, clock)
     shapes = [(1024, 1024)] if args.quick else SHAPES
     reps = 3 if args.quick else args.reps
     dev_type = torch.device(args.device).type

@@ -10,7 +10,8 @@ caps the path, so tests can run every path the machine has. Paths, lowest first:
 * ``avx512``: AVX-512F/BW/VL (the 4-bit dequantize: one ``vpermw``/``vpermps`` table
   lookup per 32/16 elements; the GEMV for float32/float16 x, 64 codes per lookup; bf16 x
   keeps its AVX2 fixed-point GEMV, faster on Zen 4 than a 512-bit form of it; AdamW on
-  float32 params, 16 lanes);
+  float32 params, 16 lanes; the 8-bit blockwise encoder of quantize_8bit and the 8-bit
+  AdamW states, 16 lanes);
 * ``avx512_bf16``: AVX512-BF16 besides (the CPU computes bf16 natively, so the 4-bit
   GEMM runs its dense GEMM in bf16 for bf16 x instead of float32).
 

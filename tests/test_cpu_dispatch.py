@@ -1,5 +1,6 @@
 """Run-time CPU dispatch: every path this CPU has (forced with set_cpu_isa) gives the
-reference's bits for dequantize (and the column tiles of the backward) and quantize; the
+reference's bits for dequantize (and the column tiles of the backward), 4-bit and 8-bit
+quantize, and the scalar path's bits for the 32-bit and 8-bit AdamW steps; the
 override refuses unknown paths and paths the CPU lacks; the env variable works at import."""
 import os
 import subprocess
@@ -11,7 +12,7 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels import _extension, cpu_dispatch
 from qlora_kernels.backends import reference
-from qlora_kernels.formats import SUPPORTED_BLOCKSIZES
+from qlora_kernels.formats import SUPPORTED_BLOCKSIZES, dynamic_map, get_dq_code
 
 needs_ext = pytest.mark.skipif(not _extension.EXTENSION_LOADED, reason="compiled extension not built")
 BEST = cpu_dispatch.cpu_isa()
@@ -146,7 +147,7 @@ def test_auto_compute_dtype_follows_native_bf16():
 @pytest.mark.parametrize("n", [1, 15, 17, 40, 333 * 77])
 @pytest.mark.parametrize("weight_decay,maximize", [(0.0, False), (0.1, True)])
 def test_adamw_every_path_gives_the_same_bits(n, weight_decay, maximize, rng):
-    # float32 params: scalar, AVX2 (8 lanes) and AVX-512 (16 lanes, tails of 8 and 1) do the
+    # float32 params: scalar, AVX2 (8 lanes) and AVX-512 (16 lanes, scalar tails) do the
     # same IEEE operations per element, so every path must give the scalar path's bits
     p0 = torch.randn(n, generator=rng)
     grads = [torch.randn(n, generator=rng) for _ in range(3)]
@@ -165,3 +166,58 @@ def test_adamw_every_path_gives_the_same_bits(n, weight_decay, maximize, rng):
     assert not torch.equal(want[0], p0)
     for path, got in results.items():
         assert all(torch.equal(a, b) for a, b in zip(got, want)), path
+
+
+@needs_ext
+@pytest.mark.parametrize("code_name", ["dynamic", "dynamic_unsigned", "fp8"])
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_quantize_8bit_every_path_gives_reference_bits(isa, code_name, blocksize, rng):
+    # the encoder's 8 (AVX2) and 16 (AVX-512) lane loops and their scalar tails: sizes below,
+    # between and past one step of each, partial blocks; NaN, infinities, -0.0, a zero block
+    code = {"dynamic": dynamic_map(signed=True), "dynamic_unsigned": dynamic_map(signed=False),
+            "fp8": get_dq_code("fp8")}[code_name]
+    for n in (1, 7, 9, 15, 17, 31, 33, blocksize + 23, 3 * blocksize + 5, 333 * 77):
+        x = torch.randn(n, generator=rng) * 3
+        if code_name == "dynamic_unsigned":
+            x = x.abs()
+        if n > 40:
+            x[3], x[11], x[20] = float("nan"), float("inf"), -0.0
+            x[-1] = -float("inf")
+        if n > 2 * blocksize:
+            x[blocksize: 2 * blocksize] = 0.0
+        got_q, got_absmax = torch.ops.qlora_kernels.quantize_8bit(x, code, blocksize)
+        want_q, want_absmax = reference.quantize_8bit(x, code, blocksize)
+        where = f"{isa} {code_name} blocksize {blocksize} n {n}"
+        assert torch.equal(got_q, want_q), where
+        assert torch.allclose(got_absmax, want_absmax, rtol=0, atol=0, equal_nan=True), where
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 255, 256 * 3 + 17, 333 * 77])
+def test_adamw8bit_every_path_gives_the_same_bits(dtype, n, rng):
+    # the moments re-encoded 8 or 16 lanes at a time (and float32 params updated so) on each
+    # path: every path must give the scalar path's bits, a NaN gradient element included
+    p0 = torch.randn(n, generator=rng).to(dtype)
+    grads = [torch.randn(n, generator=rng).to(dtype) for _ in range(3)]
+    grads[1][n // 2] = float("nan")
+    code_m, code_v = dynamic_map(signed=True), dynamic_map(signed=False)
+    nblocks = (n + 255) // 256
+    results = {}
+    for path in PATHS:
+        cpu_dispatch.set_cpu_isa(path)
+        try:
+            p = p0.clone()
+            state = (torch.zeros(n, dtype=torch.uint8), torch.zeros(nblocks),
+                     torch.zeros(n, dtype=torch.uint8), torch.zeros(nblocks))
+            for step, g in enumerate(grads, 1):
+                torch.ops.qlora_kernels.adamw8bit_step_(p, g, *state, code_m, code_v, 1e-2, 0.9,
+                                                        0.999, 1e-8, 0.01, step, False)
+            results[path] = (p, *state)
+        finally:
+            cpu_dispatch.set_cpu_isa(None)
+    want = results["scalar"]
+    assert not torch.equal(want[0][:1], p0[:1])
+    for path, got in results.items():
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                   for a, b in zip(got, want)), path

@@ -9,10 +9,8 @@
 // float32 with the same element update, write the param, and re-encode both moments with
 // the block's new absmax (Encoder8, encode8_cpu.h: qk::encode_sorted256's result from a
 // bucket table), as quantize_8bit does; non-finite moments are stored as 0 (see adamw8bit_block).
-// float32 params take 16 lanes (AVX-512F) at cpu path avx512 and up, the same bits again.
-// gcc 12's AVX-512 intrinsic headers build their "undefined" vectors as `__m512 __Y = __Y;`,
-// which -Wmaybe-uninitialized reports wherever they are inlined: their code, not ours.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// float32 params take 16 lanes (AVX-512F) at cpu path avx512 and up, the same bits again:
+// one body for both widths (simd_width.h).
 #include <omp.h>
 #include <torch/library.h>
 
@@ -24,12 +22,7 @@
 #include "encode8_cpu.h"
 #include "qk_adamw.h"
 #include "qk_optim_checks.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define QK_AVX512 __attribute__((target("avx2,fma,f16c,avx512f")))
-#endif
+#include "simd_width.h"
 
 namespace qlora_kernels::cpu {
 namespace {
@@ -51,85 +44,58 @@ void adamw_range_scalar(T* p, const T* g, float* m, float* v, int64_t n,
 }
 
 #if defined(__x86_64__)
-// The flags are template parameters and the scalars locals: the stores go through may-alias
-// vector types, so fields read through a reference would be reloaded every iteration.
-template <bool kMaximize, bool kDecay, bool kSmall>
-QK_AVX2 void adamw_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
+// One body for both widths (simd_width.h). The flags are template parameters and the
+// scalars locals: the stores go through may-alias vector types, so fields read through a
+// reference would be reloaded every iteration. The tail takes the scalar loop (the same bits).
+template <class S, bool kMaximize, bool kDecay, bool kSmall>
+QK_ANY_WIDTH void adamw_lanes(float* p, const float* g, float* m, float* v, int64_t n,
                               const qk::AdamWScalars s) {
-  const __m256 decay = _mm256_set1_ps(s.decay), w = _mm256_set1_ps(kSmall ? s.w1 : s.w1m1);
-  const __m256 b2 = _mm256_set1_ps(s.beta2), c2 = _mm256_set1_ps(s.c2);
-  const __m256 bc2s = _mm256_set1_ps(s.bc2_sqrt), eps = _mm256_set1_ps(s.eps);
-  const __m256 nss = _mm256_set1_ps(s.neg_step_size), sign = _mm256_set1_ps(-0.0f);
+  using vf = typename S::vf;
+  const vf decay = S::set1(s.decay), w = S::set1(kSmall ? s.w1 : s.w1m1);
+  const vf b2 = S::set1(s.beta2), c2 = S::set1(s.c2);
+  const vf bc2s = S::set1(s.bc2_sqrt), eps = S::set1(s.eps), nss = S::set1(s.neg_step_size);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 gv = _mm256_loadu_ps(g + i);
-    if (kMaximize) gv = _mm256_xor_ps(gv, sign);
-    __m256 pv = _mm256_loadu_ps(p + i);
-    if (kDecay) pv = _mm256_mul_ps(pv, decay);
-    __m256 mv = _mm256_loadu_ps(m + i);
-    const __m256 d = _mm256_sub_ps(gv, mv);
-    mv = _mm256_fmadd_ps(w, d, kSmall ? mv : gv);
-    const __m256 vv = _mm256_fmadd_ps(_mm256_mul_ps(c2, gv), gv,
-                                      _mm256_mul_ps(_mm256_loadu_ps(v + i), b2));
-    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), bc2s), eps);
-    pv = _mm256_add_ps(pv, _mm256_div_ps(_mm256_mul_ps(nss, mv), denom));
-    _mm256_storeu_ps(m + i, mv);
-    _mm256_storeu_ps(v + i, vv);
-    _mm256_storeu_ps(p + i, pv);
+  for (; i + S::W <= n; i += S::W) {
+    vf gv = S::load(g + i);
+    if (kMaximize) gv = S::neg(gv);
+    vf pv = S::load(p + i);
+    if (kDecay) pv = S::mul(pv, decay);
+    vf mv = S::load(m + i);
+    const vf d = S::sub(gv, mv);
+    mv = S::fmadd(w, d, kSmall ? mv : gv);
+    const vf vv = S::fmadd(S::mul(c2, gv), gv, S::mul(S::load(v + i), b2));
+    const vf denom = S::add(S::div(S::sqrt(vv), bc2s), eps);
+    pv = S::add(pv, S::div(S::mul(nss, mv), denom));
+    S::store(m + i, mv);
+    S::store(v + i, vv);
+    S::store(p + i, pv);
   }
   adamw_range_scalar(p + i, g + i, m + i, v + i, n - i, s);
 }
 
-// One of the eight instantiations of `kernel` for the scalars' flags.
-#define QK_ADAMW_FLAGS_SWITCH(kernel, s, ...)                                  \
-  switch (((s).maximize ? 4 : 0) | ((s).apply_decay ? 2 : 0) | ((s).w1_small ? 1 : 0)) { \
-    case 0: return kernel<false, false, false>(__VA_ARGS__);                  \
-    case 1: return kernel<false, false, true>(__VA_ARGS__);                   \
-    case 2: return kernel<false, true, false>(__VA_ARGS__);                   \
-    case 3: return kernel<false, true, true>(__VA_ARGS__);                    \
-    case 4: return kernel<true, false, false>(__VA_ARGS__);                   \
-    case 5: return kernel<true, false, true>(__VA_ARGS__);                    \
-    case 6: return kernel<true, true, false>(__VA_ARGS__);                    \
-    default: return kernel<true, true, true>(__VA_ARGS__);                    \
+// The instance of adamw_lanes for the scalars' flags.
+template <class S>
+QK_ANY_WIDTH void adamw_range_lanes(float* p, const float* g, float* m, float* v, int64_t n,
+                       const qk::AdamWScalars& s) {
+  switch ((s.maximize ? 4 : 0) | (s.apply_decay ? 2 : 0) | (s.w1_small ? 1 : 0)) {
+    case 0: return adamw_lanes<S, false, false, false>(p, g, m, v, n, s);
+    case 1: return adamw_lanes<S, false, false, true>(p, g, m, v, n, s);
+    case 2: return adamw_lanes<S, false, true, false>(p, g, m, v, n, s);
+    case 3: return adamw_lanes<S, false, true, true>(p, g, m, v, n, s);
+    case 4: return adamw_lanes<S, true, false, false>(p, g, m, v, n, s);
+    case 5: return adamw_lanes<S, true, false, true>(p, g, m, v, n, s);
+    case 6: return adamw_lanes<S, true, true, false>(p, g, m, v, n, s);
+    default: return adamw_lanes<S, true, true, true>(p, g, m, v, n, s);
   }
-
-QK_AVX2 void adamw_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
-                              const qk::AdamWScalars& s) {
-  QK_ADAMW_FLAGS_SWITCH(adamw_range_avx2, s, p, g, m, v, n, s)
 }
 
-// The AVX2 kernel 16 lanes wide (path avx512 and up): the same operations, so the same bits.
-template <bool kMaximize, bool kDecay, bool kSmall>
-QK_AVX512 void adamw_range_avx512(float* p, const float* g, float* m, float* v, int64_t n,
-                                  const qk::AdamWScalars s) {
-  const __m512 decay = _mm512_set1_ps(s.decay), w = _mm512_set1_ps(kSmall ? s.w1 : s.w1m1);
-  const __m512 b2 = _mm512_set1_ps(s.beta2), c2 = _mm512_set1_ps(s.c2);
-  const __m512 bc2s = _mm512_set1_ps(s.bc2_sqrt), eps = _mm512_set1_ps(s.eps);
-  const __m512 nss = _mm512_set1_ps(s.neg_step_size), sign = _mm512_set1_ps(-0.0f);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 gv = _mm512_loadu_ps(g + i);
-    if (kMaximize) gv = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gv),
-                                                             _mm512_castps_si512(sign)));
-    __m512 pv = _mm512_loadu_ps(p + i);
-    if (kDecay) pv = _mm512_mul_ps(pv, decay);
-    __m512 mv = _mm512_loadu_ps(m + i);
-    const __m512 d = _mm512_sub_ps(gv, mv);
-    mv = _mm512_fmadd_ps(w, d, kSmall ? mv : gv);
-    const __m512 vv = _mm512_fmadd_ps(_mm512_mul_ps(c2, gv), gv,
-                                      _mm512_mul_ps(_mm512_loadu_ps(v + i), b2));
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vv), bc2s), eps);
-    pv = _mm512_add_ps(pv, _mm512_div_ps(_mm512_mul_ps(nss, mv), denom));
-    _mm512_storeu_ps(m + i, mv);
-    _mm512_storeu_ps(v + i, vv);
-    _mm512_storeu_ps(p + i, pv);
-  }
-  adamw_range_avx2<kMaximize, kDecay, kSmall>(p + i, g + i, m + i, v + i, n - i, s);
+QK_AVX2_BODY void adamw_range_avx2(float* p, const float* g, float* m, float* v, int64_t n,
+                                   const qk::AdamWScalars& s) {
+  adamw_range_lanes<Avx2>(p, g, m, v, n, s);
 }
-
-QK_AVX512 void adamw_range_avx512(float* p, const float* g, float* m, float* v, int64_t n,
-                                  const qk::AdamWScalars& s) {
-  QK_ADAMW_FLAGS_SWITCH(adamw_range_avx512, s, p, g, m, v, n, s)
+QK_AVX512_BODY void adamw_range_avx512(float* p, const float* g, float* m, float* v, int64_t n,
+                                       const qk::AdamWScalars& s) {
+  adamw_range_lanes<Avx512>(p, g, m, v, n, s);
 }
 #endif
 

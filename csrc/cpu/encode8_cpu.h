@@ -8,7 +8,8 @@
 // encodes to lo + (s > mids[lo]) + ... with at most `span` comparisons. For the codes of this
 // project a bucket holds at most one midpoint (span 1: one table load, one comparison); a
 // table whose midpoints crowd closer keeps the binary search. Building the table walks the
-// 65536 buckets once; tables are kept per distinct code (Encoder8::get).
+// 65536 buckets once; tables are kept per distinct code (Encoder8::get). The lookups are
+// gathers, 8 lanes wide (AVX2) or 16 (AVX-512, path avx512 and up): the same bits.
 #pragma once
 #include <stdint.h>
 
@@ -21,10 +22,7 @@
 
 #include "cpu_common.h"
 #include "qk_format.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "simd_width.h"
 
 namespace qlora_kernels::cpu {
 
@@ -69,7 +67,8 @@ class Encoder8 {
   void encode_scaled(const float* x, float inv, int64_t n, uint8_t* q) const {
     int64_t i = 0;
 #if defined(__x86_64__)
-    if (fast_ && has_avx2()) i = encode_scaled_avx2(x, inv, n, q);
+    if (fast_ && cpu_isa() >= kIsaAvx512) i = encode_scaled_avx512(x, inv, n, q);
+    else if (fast_ && has_avx2()) i = encode_scaled_avx2(x, inv, n, q);
 #endif
     for (; i < n; ++i) q[i] = (uint8_t)encode(x[i] * inv);
   }
@@ -94,7 +93,7 @@ class Encoder8 {
     for (int k = 0; k < 255; ++k)
       if (mids_[k] != mids_[k] || (k > 0 && mids_[k] < mids_[k - 1])) return;
     const int nb = 1 << kBucketBits;
-    lo_.assign(nb + 4, 0);  // +4: the AVX2 path reads 4 bytes at each bucket's offset
+    lo_.assign(nb + 4, 0);  // +4: the SIMD paths read 4 bytes at each bucket's offset
     int p = 0, span = 0;
     for (int b = 0; b < nb; ++b) {
       float fmin = value_of_key((uint32_t)b << (32 - kBucketBits));
@@ -112,35 +111,32 @@ class Encoder8 {
   }
 
 #if defined(__x86_64__)
-  // 8 lanes of encode(); returns how many elements it did (a multiple of 8).
-  __attribute__((target("avx2,fma"))) int64_t encode_scaled_avx2(const float* x, float inv,
-                                                                  int64_t n, uint8_t* q) const {
-    const __m256 vinv = _mm256_set1_ps(inv);
-    const __m256i sign = _mm256_set1_epi32((int)0x80000000u), one = _mm256_set1_epi32(1);
-    const __m256i byte = _mm256_set1_epi32(0xff);
+  // S::W lanes of encode() at a time (one body for both widths, simd_width.h); returns how
+  // many elements it did (a multiple of S::W).
+  template <class S>
+  QK_ANY_WIDTH int64_t encode_scaled_lanes(const float* x, float inv, int64_t n,
+                                           uint8_t* q) const {
+    using vi = typename S::vi;
+    const typename S::vf vinv = S::set1(inv);
+    const vi sign = S::set1i(INT32_MIN);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
-      const __m256i u = _mm256_castps_si256(s);
-      const __m256i k = _mm256_xor_si256(u, _mm256_or_si256(_mm256_srai_epi32(u, 31), sign));
-      const __m256i b = _mm256_srli_epi32(k, 32 - kBucketBits);
-      // 4 bytes at lo_ + b, keep the first: lo_ is uint8, padded by 4
-      __m256i lo = _mm256_and_si256(
-          _mm256_i32gather_epi32(reinterpret_cast<const int*>(lo_.data()), b, 1), byte);
-      for (int j = 0; j < span_; ++j) {
-        const __m256 mid = _mm256_i32gather_ps(mids_, lo, 4);
-        const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(s, mid, _CMP_GT_OQ));
-        lo = _mm256_add_epi32(lo, _mm256_and_si256(gt, one));
-      }
-      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(s, s, _CMP_UNORD_Q));
-      lo = _mm256_andnot_si256(nan, lo);
-      // 8 int32 in 0..255 -> 8 bytes
-      const __m128i lo16 = _mm_packus_epi32(_mm256_castsi256_si128(lo),
-                                            _mm256_extracti128_si256(lo, 1));
-      const __m128i lo8 = _mm_packus_epi16(lo16, lo16);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), lo8);
+    for (; i + S::W <= n; i += S::W) {
+      const typename S::vf s = S::mul(S::load(x + i), vinv);
+      const vi u = S::bits(s);
+      const vi k = S::xor_i(u, S::or_i(S::srai(u, 31), sign));  // key(s)
+      vi lo = S::gather_byte(lo_.data(), S::srli(k, 32 - kBucketBits));
+      for (int j = 0; j < span_; ++j) lo = S::inc_where(lo, S::gt(s, S::gather(mids_, lo)));
+      S::store_bytes(q + i, S::zero_where(lo, S::is_nan(s)));
     }
     return i;
+  }
+  QK_AVX2_BODY int64_t encode_scaled_avx2(const float* x, float inv, int64_t n,
+                                          uint8_t* q) const {
+    return encode_scaled_lanes<Avx2>(x, inv, n, q);
+  }
+  QK_AVX512_BODY int64_t encode_scaled_avx512(const float* x, float inv, int64_t n,
+                                              uint8_t* q) const {
+    return encode_scaled_lanes<Avx512>(x, inv, n, q);
   }
 #endif
 

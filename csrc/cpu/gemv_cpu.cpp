@@ -14,16 +14,12 @@
 //    core streams ~14 GB/s but decodes more slowly than that.
 // Both produce the weights in a fixed lane-interleaved order; x is permuted once into that
 // order so no shuffle is needed per weight. On CPUs with AVX-512F/BW (path avx512 and up,
-// cpu_isa.h) the exact path runs 512 bits wide (blocksize a multiple of 64): the same
-// lookups over 64 codes from 32 packed bytes, in an order of its own. The bf16 path stays
+// cpu_isa.h) the exact path runs 512 bits wide (blocksize a multiple of 64): the same body
+// (one template over the width, simd_width.h), 64 codes from 32 packed bytes. The bf16 path stays
 // 256 bits wide: its 512-bit form measured 3-7% slower on Zen 4, which splits 512-bit
 // operations into two 256-bit halves (benchmarks/README.md). Per block,
 // sum(code[q] * x) is scaled by the block's absmax; the bias is added in float32 before
 // the one rounding to x's dtype.
-// gcc 12's AVX-512 intrinsic headers build their "undefined" vectors as `__m512 __Y = __Y;`,
-// which -W(maybe-)uninitialized reports wherever they are inlined: their code, not ours.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <omp.h>
 #include <torch/library.h>
 
@@ -31,12 +27,7 @@
 #include <cstring>
 
 #include "cpu_common.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define QK_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
-#endif
+#include "simd_width.h"
 
 namespace qlora_kernels::cpu {
 namespace {
@@ -77,166 +68,103 @@ void gemv_scalar(const GemvArgs& a) {
 }
 
 #if defined(__x86_64__)
-// Order in which decode32 produces the 32 elements of a group (see the header comment):
-// vector j holds even elements 8j, 8j+2, 8j+4, 8j+6 then odd ones 8j+1, ..., 8j+7.
-inline int64_t permuted_position(int64_t e) {
-  const int64_t j = (e / 2) / 4, i = (e / 2) % 4, odd = e & 1;
-  return j * 8 + odd * 4 + i;
+// ---- exact path, one body for both widths (simd_width.h): 4 * S::W codes from 2 * S::W
+// packed bytes per group. Four pshufb lookups into the byte planes of the code table (byte k
+// of each of the 16 float32 code values), then a 4x4 byte transpose, give floats in a fixed
+// order: vector t, 128-bit lane L, float u is byte lane i = 16L + 4t + u of the index vector,
+// whose first 2W lanes are the high nibbles (elements 2i), the others the low nibbles
+// (elements 2(i - 2W) + 1).
+template <class S>
+constexpr int64_t kExactGroup = 4 * S::W;
+
+template <class S>
+int64_t exact_position(int64_t e) {  // where element e of a group is in that order
+  const int64_t i = (e & 1) ? e / 2 + 2 * S::W : e / 2;
+  return S::W * ((i % 16) / 4) + 4 * (i / 16) + i % 4;
 }
 
 struct CodePlanes {
-  __m256i p[4];  // byte k of each of the 16 float32 code values, both lanes
+  alignas(16) uint8_t byte[4][16];
+
+  explicit CodePlanes(const float* code) {
+    for (int v = 0; v < 16; ++v) {
+      uint32_t u;
+      std::memcpy(&u, code + v, 4);
+      for (int k = 0; k < 4; ++k) byte[k][v] = (u >> (8 * k)) & 0xFF;
+    }
+  }
 };
 
-QK_AVX2 inline CodePlanes make_planes(const float* code) {
-  alignas(16) uint8_t bytes[4][16];
-  for (int v = 0; v < 16; ++v) {
-    uint32_t u;
-    std::memcpy(&u, code + v, 4);
-    for (int k = 0; k < 4; ++k) bytes[k][v] = (u >> (8 * k)) & 0xFF;
-  }
-  CodePlanes c;
-  for (int k = 0; k < 4; ++k)
-    c.p[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[k])));
-  return c;
-}
-
-QK_AVX2 inline void decode32(const uint8_t* p, const CodePlanes& c, __m256 f[4]) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m256i idx = _mm256_set_m128i(_mm_and_si128(b, mask),                       // odd elements
-                                       _mm_and_si128(_mm_srli_epi16(b, 4), mask));  // even elements
-  const __m256i b0 = _mm256_shuffle_epi8(c.p[0], idx), b1 = _mm256_shuffle_epi8(c.p[1], idx);
-  const __m256i b2 = _mm256_shuffle_epi8(c.p[2], idx), b3 = _mm256_shuffle_epi8(c.p[3], idx);
-  const __m256i u01l = _mm256_unpacklo_epi8(b0, b1), u01h = _mm256_unpackhi_epi8(b0, b1);
-  const __m256i u23l = _mm256_unpacklo_epi8(b2, b3), u23h = _mm256_unpackhi_epi8(b2, b3);
-  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(u01l, u23l));
-  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(u01l, u23l));
-  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(u01h, u23h));
-  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(u01h, u23h));
-}
-
-QK_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
+template <class S>
+QK_ANY_WIDTH void decode_group(const uint8_t* q, const typename S::vi planes[4],
+                               typename S::vf f[4]) {
+  const typename S::vi idx = S::nibbles(q);
+  const typename S::vi b0 = S::shuffle_bytes(planes[0], idx), b1 = S::shuffle_bytes(planes[1], idx);
+  const typename S::vi b2 = S::shuffle_bytes(planes[2], idx), b3 = S::shuffle_bytes(planes[3], idx);
+  const typename S::vi u01l = S::unpacklo8(b0, b1), u01h = S::unpackhi8(b0, b1);
+  const typename S::vi u23l = S::unpacklo8(b2, b3), u23h = S::unpackhi8(b2, b3);
+  f[0] = S::floats(S::unpacklo16(u01l, u23l));
+  f[1] = S::floats(S::unpackhi16(u01l, u23l));
+  f[2] = S::floats(S::unpacklo16(u01h, u23h));
+  f[3] = S::floats(S::unpackhi16(u01h, u23h));
 }
 
 // MR rows of x against one weight row; 4 accumulators per row hide the FMA latency.
-template <int MR>
-QK_AVX2 void gemv_row_avx2(const GemvArgs& a, const CodePlanes& c, int64_t n, int64_t m0) {
-  const int64_t nb = a.K / a.bs, groups = a.bs / 32;
+template <class S, int MR>
+QK_ANY_WIDTH void gemv_tile(const GemvArgs& a, const CodePlanes& c, int64_t n, int64_t m0) {
+  using vf = typename S::vf;
+  typename S::vi planes[4];
+  for (int k = 0; k < 4; ++k) planes[k] = S::broadcast16(c.byte[k]);
+  const int64_t nb = a.K / a.bs, groups = a.bs / kExactGroup<S>;
   const uint8_t* wrow = a.packed + n * a.K / 2;
-  __m256 total[MR];
-  for (int r = 0; r < MR; ++r) total[r] = _mm256_setzero_ps();
+  vf total[MR];
+  for (int r = 0; r < MR; ++r) total[r] = S::zero();
   for (int64_t j = 0; j < nb; ++j) {
-    __m256 acc[MR][4];
+    vf acc[MR][4];
     for (int r = 0; r < MR; ++r)
-      for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_setzero_ps();
+      for (int t = 0; t < 4; ++t) acc[r][t] = S::zero();
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = j * a.bs + g * 32;
-      __m256 f[4];
-      decode32(wrow + k0 / 2, c, f);
+      const int64_t k0 = j * a.bs + g * kExactGroup<S>;
+      vf f[4];
+      decode_group<S>(wrow + k0 / 2, planes, f);
       for (int r = 0; r < MR; ++r) {
         const float* xr = a.x + (m0 + r) * a.K + k0;
-        for (int t = 0; t < 4; ++t)
-          acc[r][t] = _mm256_fmadd_ps(f[t], _mm256_loadu_ps(xr + 8 * t), acc[r][t]);
+        for (int t = 0; t < 4; ++t) acc[r][t] = S::fmadd(f[t], S::load(xr + S::W * t), acc[r][t]);
       }
     }
-    const __m256 scale = _mm256_set1_ps(block_absmax(a.absmax, a.qabsmax, a.nested_absmax,
-                                                     a.nested_code, a.offset, n * nb + j));
+    const vf scale = S::set1(block_absmax(a.absmax, a.qabsmax, a.nested_absmax, a.nested_code,
+                                          a.offset, n * nb + j));
     for (int r = 0; r < MR; ++r) {
-      const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]),
-                                     _mm256_add_ps(acc[r][2], acc[r][3]));
-      total[r] = _mm256_fmadd_ps(s, scale, total[r]);
+      const vf s = S::add(S::add(acc[r][0], acc[r][1]), S::add(acc[r][2], acc[r][3]));
+      total[r] = S::fmadd(s, scale, total[r]);
     }
   }
-  for (int r = 0; r < MR; ++r) a.y[(m0 + r) * a.N + n] = hsum8(total[r]) + bias_at(a, n);
+  for (int r = 0; r < MR; ++r) a.y[(m0 + r) * a.N + n] = S::reduce_add(total[r]) + bias_at(a, n);
 }
 
-QK_AVX2 void gemv_avx2(const GemvArgs& a) {
-  const CodePlanes c = make_planes(a.code);
+// One function per width and tile: both tiles in one function made gcc keep half of the
+// 512-bit accumulators on the stack (12% slower at 4 and 16 rows).
+template <int MR>
+QK_AVX2_BODY void gemv_tile_avx2(const GemvArgs& a, const CodePlanes& c, int64_t n, int64_t m0) {
+  gemv_tile<Avx2, MR>(a, c, n, m0);
+}
+template <int MR>
+QK_AVX512_BODY void gemv_tile_avx512(const GemvArgs& a, const CodePlanes& c, int64_t n,
+                                     int64_t m0) {
+  gemv_tile<Avx512, MR>(a, c, n, m0);
+}
+
+using GemvTile = void (*)(const GemvArgs&, const CodePlanes&, int64_t n, int64_t m0);
+
+// The exact GEMV on x permuted per group into the order of exact_position<S>, with the
+// tiles of S: rows of x two at a time, then one.
+void gemv_exact(const GemvArgs& a, GemvTile two_rows, GemvTile one_row) {
+  const CodePlanes c(a.code);
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < a.N; ++n) {
     int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2) gemv_row_avx2<2>(a, c, n, m);
-    if (m < a.M) gemv_row_avx2<1>(a, c, n, m);
-  }
-}
-
-// AVX-512 order of a 64-group (decode64): vector j, 128-bit lane l, float t holds element
-// 32 * (l % 2) + 2 * (4j + t) + l / 2 (lanes: even elements of each half, then odd ones).
-inline int64_t permuted_position64(int64_t e) {
-  const int64_t i = (e % 32) / 2, l = (e & 1) * 2 + e / 32;
-  return (i / 4) * 16 + l * 4 + i % 4;
-}
-
-struct CodePlanes512 {
-  __m512i p[4];  // byte k of each of the 16 float32 code values, all four lanes
-};
-
-QK_AVX512 inline CodePlanes512 make_planes512(const float* code) {
-  const CodePlanes c = make_planes(code);
-  CodePlanes512 w;
-  for (int k = 0; k < 4; ++k) w.p[k] = _mm512_broadcast_i32x4(_mm256_castsi256_si128(c.p[k]));
-  return w;
-}
-
-QK_AVX512 inline void decode64(const uint8_t* p, const CodePlanes512& c, __m512 f[4]) {
-  const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  const __m512i idx = _mm512_inserti64x4(  // high nibbles (even elements), then low (odd)
-      _mm512_castsi256_si512(_mm256_and_si256(_mm256_srli_epi16(y, 4), mask)),
-      _mm256_and_si256(y, mask), 1);
-  const __m512i b0 = _mm512_shuffle_epi8(c.p[0], idx), b1 = _mm512_shuffle_epi8(c.p[1], idx);
-  const __m512i b2 = _mm512_shuffle_epi8(c.p[2], idx), b3 = _mm512_shuffle_epi8(c.p[3], idx);
-  const __m512i u01l = _mm512_unpacklo_epi8(b0, b1), u01h = _mm512_unpackhi_epi8(b0, b1);
-  const __m512i u23l = _mm512_unpacklo_epi8(b2, b3), u23h = _mm512_unpackhi_epi8(b2, b3);
-  f[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(u01l, u23l));
-  f[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(u01l, u23l));
-  f[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(u01h, u23h));
-  f[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(u01h, u23h));
-}
-
-template <int MR>
-QK_AVX512 void gemv_row_avx512(const GemvArgs& a, const CodePlanes512& c, int64_t n, int64_t m0) {
-  const int64_t nb = a.K / a.bs, groups = a.bs / 64;
-  const uint8_t* wrow = a.packed + n * a.K / 2;
-  __m512 total[MR];
-  for (int r = 0; r < MR; ++r) total[r] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < nb; ++j) {
-    __m512 acc[MR][4];
-    for (int r = 0; r < MR; ++r)
-      for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = j * a.bs + g * 64;
-      __m512 f[4];
-      decode64(wrow + k0 / 2, c, f);
-      for (int r = 0; r < MR; ++r) {
-        const float* xr = a.x + (m0 + r) * a.K + k0;
-        for (int t = 0; t < 4; ++t)
-          acc[r][t] = _mm512_fmadd_ps(f[t], _mm512_loadu_ps(xr + 16 * t), acc[r][t]);
-      }
-    }
-    const __m512 scale = _mm512_set1_ps(block_absmax(a.absmax, a.qabsmax, a.nested_absmax,
-                                                     a.nested_code, a.offset, n * nb + j));
-    for (int r = 0; r < MR; ++r) {
-      const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
-                                     _mm512_add_ps(acc[r][2], acc[r][3]));
-      total[r] = _mm512_fmadd_ps(s, scale, total[r]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) a.y[(m0 + r) * a.N + n] = _mm512_reduce_add_ps(total[r]) + bias_at(a, n);
-}
-
-QK_AVX512 void gemv_avx512(const GemvArgs& a) {
-  const CodePlanes512 c = make_planes512(a.code);
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < a.N; ++n) {
-    int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2) gemv_row_avx512<2>(a, c, n, m);
-    if (m < a.M) gemv_row_avx512<1>(a, c, n, m);
+    for (; m + 2 <= a.M; m += 2) two_rows(a, c, n, m);
+    if (m < a.M) one_row(a, c, n, m);
   }
 }
 
@@ -325,7 +253,7 @@ QK_AVX2 void gemv_row_int16(const GemvArgs& a, const FixedX& fx, const Int16Plan
                                  _mm256_set1_ps(am * xs[r][g]), total[r]);
     }
   }
-  for (int r = 0; r < MR; ++r) a.y[(m0 + r) * a.N + n] = hsum8(total[r]) + bias_at(a, n);
+  for (int r = 0; r < MR; ++r) a.y[(m0 + r) * a.N + n] = Avx2::reduce_add(total[r]) + bias_at(a, n);
 }
 
 QK_AVX2 void gemv_int16_avx2(const GemvArgs& a, const FixedX& fx) {
@@ -423,18 +351,19 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   a.x = xf.data_ptr<float>();
 #if defined(__x86_64__)
   if (has_avx2() && K % blocksize == 0) {
-    // permute x once into the order decode32 (decode64) produces per group of 32 (64)
-    const bool wide = cpu_isa() >= kIsaAvx512 && blocksize % 64 == 0;
-    const int64_t group = wide ? 64 : 32;
+    // permute x once into the order the decoder produces per group
+    const bool wide = cpu_isa() >= kIsaAvx512 && blocksize % kExactGroup<Avx512> == 0;
+    const int64_t group = wide ? kExactGroup<Avx512> : kExactGroup<Avx2>;
     at::Tensor xp = at::empty_like(xf);
     float* dst = xp.data_ptr<float>();
     for (int64_t r = 0; r < M; ++r)
       for (int64_t k = 0; k < K; ++k)
         dst[r * K + (k / group) * group +
-            (wide ? permuted_position64(k % 64) : permuted_position(k % 32))] = a.x[r * K + k];
+            (wide ? exact_position<Avx512>(k % group) : exact_position<Avx2>(k % group))] =
+            a.x[r * K + k];
     a.x = dst;
-    if (wide) gemv_avx512(a);
-    else gemv_avx2(a);
+    if (wide) gemv_exact(a, gemv_tile_avx512<2>, gemv_tile_avx512<1>);
+    else gemv_exact(a, gemv_tile_avx2<2>, gemv_tile_avx2<1>);
     return y.to(x.scalar_type());
   }
 #endif

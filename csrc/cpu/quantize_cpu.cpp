@@ -4,14 +4,12 @@
 // cpu_isa() allows (checked at run time, compiled with per-function target attributes so
 // the module still loads on CPUs without them) and the scalar code of qk_format.h otherwise.
 // Quantize: a parallel task is 16 blocks; each block's absmax, then its codes 32 elements
-// at a time (a binary search of the thresholds with AVX-512, one compare per threshold
-// with AVX2), the tail of a block in scalar code.
+// at a time (encode4_cpu.h: a binary search of the thresholds with AVX-512, one compare per
+// threshold with AVX2), the tail of a block in scalar code; one body for both widths
+// (simd_width.h).
 // Dequantize builds, per block, the 16 possible outputs code[k] * absmax already rounded
 // to the output dtype, so the inner loop is a byte shuffle: one table lookup per element,
 // and the result is identical to computing code[q] * absmax element by element.
-// gcc 12's AVX-512 intrinsic headers build their "undefined" vectors as `__m512 __Y = __Y;`,
-// which -Wmaybe-uninitialized reports wherever they are inlined here: their code, not ours.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <omp.h>
 #include <torch/library.h>
 
@@ -20,13 +18,9 @@
 #include <type_traits>
 
 #include "cpu_common.h"
+#include "encode4_cpu.h"
 #include "encode8_cpu.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define QK_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
-#endif
+#include "simd_width.h"
 
 namespace qlora_kernels::cpu {
 namespace {
@@ -75,77 +69,7 @@ void dequant_block_scalar(const uint8_t* p, int64_t begin, int64_t len, const Ou
 }
 
 #if defined(__x86_64__)
-// ------------------------------------------------------------------ AVX2 paths
-QK_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-QK_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-QK_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-QK_AVX2 inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-
-// Codes of 8 scaled values: the count of thresholds strictly below each (see qk_format.h).
-QK_AVX2 inline __m256i encode8(__m256 s, int qt) {
-  __m256i q = _mm256_setzero_si256();
-  if (qt == qk::kFP4) {
-    const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), s);
-    for (int k = 0; k < 7; ++k)
-      q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(
-                                  a, _mm256_set1_ps(qk::kFP4MagThresholds[k]), _CMP_GT_OQ)));
-    q = _mm256_xor_si256(q, _mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 1));
-    const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_LT_OQ));
-    return _mm256_or_si256(q, _mm256_and_si256(neg, _mm256_set1_epi32(8)));
-  }
-  const float* t = qt == qk::kNF4 ? qk::kNF4Thresholds : qk::kINT4Thresholds;
-  for (int k = 0; k < 15; ++k)
-    q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_set1_ps(t[k]), _CMP_GT_OQ)));
-  return q;
-}
-
-template <typename T>
-QK_AVX2 void quantize_block_avx2(const T* x, int64_t len, int qt, float* absmax_out,
-                                 uint8_t* out) {
-  __m256 vmax = _mm256_setzero_ps();
-  __m256 vnan = _mm256_setzero_ps();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    const __m256 v = load8(x + i);
-    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
-    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
-  const float m = finish_absmax(x, i, len, hmax8(vmax), _mm256_movemask_ps(vnan) != 0,
-                                absmax_out);
-  const __m256 inv = _mm256_set1_ps(qk::inverse_absmax_4bit(m));
-  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const __m256i lowbyte = _mm256_set1_epi16(0x00F0);
-  int64_t j = 0;
-  for (; j + 32 <= len; j += 32) {
-    const __m256i q0 = encode8(_mm256_mul_ps(load8(x + j), inv), qt);
-    const __m256i q1 = encode8(_mm256_mul_ps(load8(x + j + 8), inv), qt);
-    const __m256i q2 = encode8(_mm256_mul_ps(load8(x + j + 16), inv), qt);
-    const __m256i q3 = encode8(_mm256_mul_ps(load8(x + j + 24), inv), qt);
-    // 32 int32 codes -> 32 bytes in element order
-    __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
-    b = _mm256_permutevar8x32_epi32(b, perm);
-    // byte pairs (c[2k], c[2k+1]) -> c[2k] << 4 | c[2k+1], as 16-bit lanes
-    const __m256i w = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 4), lowbyte),
-                                      _mm256_srli_epi16(b, 8));
-    const __m128i packed =
-        _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j / 2), packed);
-  }
-  encode_pairs_scalar(x, j, len, qt, qk::inverse_absmax_4bit(m), out);
-}
-
+// ------------------------------------------------------------------ AVX2 dequantize
 // 32 codes (16 packed bytes) in element order, as bytes.
 QK_AVX2 inline __m256i unpack32(const uint8_t* p) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -242,7 +166,7 @@ QK_AVX2 void dequant_block_avx2_32(const uint8_t* p, int64_t len, __m256 c0, __m
   }
 }
 
-// ------------------------------------------------------------------ AVX-512 paths
+// ------------------------------------------------------------------ AVX-512 dequantize
 // 32 codes of 16 packed bytes in element order, one per 16-bit lane: bytes widened to
 // words hold (hi, lo) nibble pairs, which as bytes are already in element order.
 QK_AVX512 inline __m512i unpack32_words(const uint8_t* p) {
@@ -272,8 +196,9 @@ QK_AVX512 void dequant_block_avx512_16(const uint8_t* p, int64_t len, __m256 c0,
 QK_AVX512 void dequant_block_avx512_32(const uint8_t* p, int64_t len, __m256 c0, __m256 c1,
                                        float m, float* out) {
   const __m256 vm = _mm256_set1_ps(m);
-  const __m512 lut = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_mul_ps(c0, vm)),
-                                        _mm256_mul_ps(c1, vm), 1);
+  const __m512 lut = _mm512_castpd_ps(_mm512_insertf64x4(  // _mm512_insertf32x8 needs AVX512DQ
+      _mm512_castps_pd(_mm512_castps256_ps512(_mm256_mul_ps(c0, vm))),
+      _mm256_castps_pd(_mm256_mul_ps(c1, vm)), 1));
   int64_t j = 0;
   for (; j + 32 <= len; j += 32) {
     const __m512i idx = unpack32_words(p + j / 2);
@@ -289,82 +214,46 @@ QK_AVX512 void dequant_block_avx512_32(const uint8_t* p, int64_t len, __m256 c0,
   }
 }
 
-// 16 values as float32.
-QK_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-QK_AVX512 inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-QK_AVX512 inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
-// Codes of 16 scaled values. The count of thresholds strictly below s (qk_format.h) found
-// by binary search over the sorted table, one vpermps lookup per step (4 steps for 15
-// thresholds, 3 for FP4's 7 magnitudes) instead of one compare per threshold; the
-// greater-than compares are the same, so NaN still maps to 0 and the bits equal AVX2's.
-struct Encode16 {
-  __m512 t;    // thresholds in ascending order (entries past the last are never read)
-  int steps;   // log2 of the table size rounded up
-  bool fp4;
-};
-QK_AVX512 inline Encode16 encode16_table(int qt) {
-  alignas(64) float t[16] = {};
-  const float* src = qt == qk::kNF4 ? qk::kNF4Thresholds
-                     : qt == qk::kFP4 ? qk::kFP4MagThresholds : qk::kINT4Thresholds;
-  const int n = qt == qk::kFP4 ? 7 : 15;
-  for (int k = 0; k < n; ++k) t[k] = src[k];
-  return {_mm512_load_ps(t), qt == qk::kFP4 ? 3 : 4, qt == qk::kFP4};
-}
-QK_AVX512 inline __m512i encode16(__m512 s, const Encode16& e) {
-  const __m512 a = e.fp4 ? _mm512_abs_ps(s) : s;
-  __m512i q = _mm512_setzero_si512();
-  for (int step = 1 << (e.steps - 1); step > 0; step >>= 1) {
-    const __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(q, _mm512_set1_epi32(step - 1)), e.t);
-    q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(a, t, _CMP_GT_OQ), q, _mm512_set1_epi32(step));
-  }
-  if (!e.fp4) return q;
-  q = _mm512_xor_si512(q, _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(2)), 1));
-  return _mm512_mask_or_epi32(q, _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_LT_OQ), q,
-                              _mm512_set1_epi32(8));
-}
-
-template <typename T>
-QK_AVX512 void quantize_block_avx512(const T* x, int64_t len, const Encode16& enc, int qt,
-                                     float* absmax_out, uint8_t* out) {
-  __m512 vmax = _mm512_setzero_ps();
-  __mmask16 nanm = 0;
+// ------------------------------------------------------------------ SIMD quantize
+// One block: its absmax, then its codes 32 at a time, the rest in scalar code. One body for
+// both widths (simd_width.h).
+template <class S, typename T>
+QK_ANY_WIDTH void quantize_block(const T* x, int64_t len, const Encoder4<S>& enc, int qt,
+                                 float* absmax_out, uint8_t* out) {
+  typename S::vf vmax = S::zero();
+  typename S::mask nan = S::none();
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const __m512 v = load16(x + i);
-    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
-    nanm |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  for (; i + S::W <= len; i += S::W) {
+    const typename S::vf v = S::load(x + i);
+    vmax = S::max(vmax, S::abs(v));
+    nan = S::either(nan, S::is_nan(v));
   }
-  const float m = finish_absmax(x, i, len, _mm512_reduce_max_ps(vmax), nanm != 0, absmax_out);
-  const __m512 inv = _mm512_set1_ps(qk::inverse_absmax_4bit(m));
-  const __m256i lowbyte = _mm256_set1_epi16(0x00F0);
+  const float m = finish_absmax(x, i, len, S::reduce_max(vmax), S::any(nan), absmax_out);
+  const typename S::vf inv = S::set1(qk::inverse_absmax_4bit(m));
   int64_t j = 0;
-  for (; j + 32 <= len; j += 32) {
-    const __m128i c0 = _mm512_cvtepi32_epi8(encode16(_mm512_mul_ps(load16(x + j), inv), enc));
-    const __m128i c1 = _mm512_cvtepi32_epi8(encode16(_mm512_mul_ps(load16(x + j + 16), inv), enc));
-    // byte pairs (c[2k], c[2k+1]) -> c[2k] << 4 | c[2k+1], as 16-bit lanes, then narrowed
-    const __m256i b = _mm256_set_m128i(c1, c0);
-    const __m256i w = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(b, 4), lowbyte),
-                                      _mm256_srli_epi16(b, 8));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j / 2), _mm256_cvtepi16_epi8(w));
-  }
+  for (; j + 32 <= len; j += 32) enc.encode32(x + j, inv, out + j / 2);
   encode_pairs_scalar(x, j, len, qt, qk::inverse_absmax_4bit(m), out);
 }
 
-template <typename T>
-QK_AVX512 void quantize_blocks_avx512(const T* x, int64_t n, int64_t bs, int qt, int64_t b0,
-                                      int64_t b1, uint8_t* packed, float* absmax) {
-  const Encode16 enc = encode16_table(qt);
+template <class S, typename T>
+QK_ANY_WIDTH void quantize_blocks(const T* x, int64_t n, int64_t bs, int qt, int64_t b0, int64_t b1,
+                     uint8_t* packed, float* absmax) {
+  const Encoder4<S> enc(qt);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * bs;
-    quantize_block_avx512(x + start, std::min(bs, n - start), enc, qt, absmax + b,
-                          packed + start / 2);
+    quantize_block<S>(x + start, std::min(bs, n - start), enc, qt, absmax + b, packed + start / 2);
   }
+}
+
+template <typename T>
+QK_AVX2_BODY void quantize_blocks_avx2(const T* x, int64_t n, int64_t bs, int qt, int64_t b0,
+                                       int64_t b1, uint8_t* packed, float* absmax) {
+  quantize_blocks<Avx2>(x, n, bs, qt, b0, b1, packed, absmax);
+}
+template <typename T>
+QK_AVX512_BODY void quantize_blocks_avx512(const T* x, int64_t n, int64_t bs, int qt, int64_t b0,
+                                           int64_t b1, uint8_t* packed, float* absmax) {
+  quantize_blocks<Avx512>(x, n, bs, qt, b0, b1, packed, absmax);
 }
 #endif  // __x86_64__
 
@@ -380,17 +269,14 @@ void quantize_4bit_impl(const T* x, int64_t n, int64_t bs, int qt, uint8_t* pack
       quantize_blocks_avx512(x, n, bs, qt, b0, b1, packed, absmax);
       continue;
     }
+    if (isa >= kIsaAvx2) {
+      quantize_blocks_avx2(x, n, bs, qt, b0, b1, packed, absmax);
+      continue;
+    }
 #endif
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * bs;
-      const int64_t len = std::min(bs, n - start);
-#if defined(__x86_64__)
-      if (isa >= kIsaAvx2) {
-        quantize_block_avx2(x + start, len, qt, absmax + b, packed + start / 2);
-        continue;
-      }
-#endif
-      quantize_block_scalar(x + start, len, qt, absmax + b, packed + start / 2);
+      quantize_block_scalar(x + start, std::min(bs, n - start), qt, absmax + b, packed + start / 2);
     }
   }
 }
