@@ -94,7 +94,7 @@ def _calibrate(args) -> int:
         return 2
     print(f"GEMV/GEMM calibration, {torch.get_num_threads()} threads, NF4 + double-quant "
           f"{'x'.join(map(str, entry['shape']))} weight: {entry['seconds']:.2f} s "
-          f"({entry['cpu_seconds']:.2f} s of CPU), cached in "
+          f"({entry['cpu_seconds']:.2f} s of CPU, load average {entry['load_average']}), cached in "
           f"{gemv_calibration.cache_path()}")
     for dt, timings in entry["timings_ms"].items():
         print(f"  {dt}: GEMV up to {entry['gemv_max_rows'][dt]} rows  (rows: GEMV ms / GEMM ms  "

@@ -6,13 +6,17 @@ sizes) and on the threads, so a rule from the CPU's features is only a first gue
 calibration times both paths (the same functions ``matmul_4bit`` calls for each) on an
 NF4 + double-quant ``SHAPE`` weight at 1, 2, 4, ..., 128 rows of float32, bfloat16 and
 float16 x, round-robin, and keeps the largest row count at which the GEMV was faster
-(``pick_threshold``; it stops once the GEMM has won twice in a row).
+(``pick_threshold``; it stops once the GEMM has won twice in a row). Each path's time is
+its fastest of ``ROUNDS`` calls: other work on the machine only ever adds time, and a
+median of 5 still moved with it (benchmarks/README.md, GEMV/GEMM threshold).
 
 When: automatically, once per setting (the CPU path in force and torch's thread count),
 the first time a CPU ``matmul_4bit`` with 2 to 128 rows runs with the compiled extension,
-no backend override, no torch.compile or fake-tensor tracing and no dispatch mode active,
-unless ``QLORA_KERNELS_CALIBRATE=0`` (then the features rule holds until
-``calibrate_gemv()`` or ``qlora-kernels calibrate`` runs it). It takes about a second.
+no backend override, no torch.compile or fake-tensor tracing and no dispatch mode active, and the machine not
+busy (1-minute load average at most the CPU count: a busy machine's timings would be cached
+for good), unless ``QLORA_KERNELS_CALIBRATE=0``. Until then the features rule holds;
+``calibrate_gemv()`` or ``qlora-kernels calibrate`` runs it on demand. It takes about a
+second.
 
 Cache: ``gemv_calibration.json`` in ``QLORA_KERNELS_CALIBRATION_DIR``, else
 ``$XDG_CACHE_HOME/qlora_kernels``, else ``~/.cache/qlora_kernels``: the CPU model, its
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import threading
 import time
 import warnings
@@ -131,8 +134,8 @@ def pick_threshold(measure: Callable[[int], Tuple[float, float]],
 
 def time_paths(dtype: torch.dtype, shape: Optional[Tuple[int, int]] = None,
                rounds: Optional[int] = None) -> Callable[[int], Tuple[float, float]]:
-    """``measure(rows)`` for ``pick_threshold``: median seconds of ``matmul_4bit``'s GEMV path
-    and of its GEMM path on an NF4 + double-quant weight of ``shape`` (default ``SHAPE``)
+    """``measure(rows)`` for ``pick_threshold``: the fastest of ``rounds`` calls of
+    ``matmul_4bit``'s GEMV path and of its GEMM path on an NF4 + double-quant weight of ``shape`` (default ``SHAPE``)
     and ``rows`` rows of x
     in ``dtype``, one call of each per round (order alternating) after a warm-up; CPU time
     of the calling thread when torch uses one thread, wall time otherwise. The inputs
@@ -167,7 +170,7 @@ def time_paths(dtype: torch.dtype, shape: Optional[Tuple[int, int]] = None,
                 t0 = clock()
                 paths[i](x, *args)
                 times[i].append(clock() - t0)
-        return statistics.median(times[0]), statistics.median(times[1])
+        return min(times[0]), min(times[1])
     return measure
 
 
@@ -206,6 +209,7 @@ def calibrate_gemv(measure: Optional[Callable[[torch.dtype], Callable]] = None,
             rows[name], timings[name] = pick_threshold(measure(dtype))
         entry = {"gemv_max_rows": rows, "seconds": round(time.perf_counter() - t0, 3),
                  "cpu_seconds": round(time.process_time() - cpu0, 3),
+                 "load_average": _load_average(),
                  "shape": list(SHAPE), "threads": setting[1],
                  "timings_ms": {dt: [[m, round(a * 1e3, 4), round(b * 1e3, 4)] for m, a, b in t]
                                 for dt, t in timings.items()}}
@@ -236,7 +240,9 @@ def cached_gemv_max_rows(dtype: torch.dtype, may_calibrate: bool = False) -> Opt
                 _attempted.add(setting)
                 try:
                     rows = calibrate_gemv()["gemv_max_rows"]
-                except RuntimeError:
+                except Exception as exc:  # a failed measurement must not fail the matmul
+                    _warn_once(cache_path(), f"calibration failed ({exc!r})",
+                               "the features rule holds")
                     rows = None
     return None if rows is None else rows.get(str(dtype).removeprefix("torch."))
 
@@ -248,7 +254,20 @@ def _may_calibrate_now() -> bool:
 
     return (os.environ.get(ENV_CALIBRATE, "1") != "0" and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
-            and backends.current_backend() not in ("reference", "triton"))
+            and backends.current_backend() not in ("reference", "triton")
+            and not _machine_busy())
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # no load average on this platform
+        return None
+
+
+def _machine_busy() -> bool:
+    load = _load_average()
+    return load is not None and load > (os.cpu_count() or 1)
 
 
 def _warn_once(path: str, why: str, then: str) -> None:

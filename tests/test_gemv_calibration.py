@@ -44,6 +44,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setattr(mm, "GEMV_MAX_ROWS", {"cpu": None, "cuda": None})
     calls = []
     monkeypatch.setattr(gc, "time_paths", fake_measure(calls))
+    monkeypatch.setattr(gc, "_machine_busy", lambda: False)
     gc._forget()
     yield calls
     gc._forget()
@@ -121,9 +122,12 @@ def test_calibrates_once_on_the_first_ambiguous_cpu_matmul(cache, tmp_path):
 
 
 @needs_ext
-@pytest.mark.parametrize("why", ["env off", "backend override", "compiling", "override set"])
+@pytest.mark.parametrize("why", ["env off", "backend override", "compiling", "override set",
+                                 "busy machine"])
 def test_no_automatic_calibration(cache, monkeypatch, why):
-    if why == "env off":
+    if why == "busy machine":
+        monkeypatch.setattr(gc, "_machine_busy", lambda: True)
+    elif why == "env off":
         monkeypatch.setenv(gc.ENV_CALIBRATE, "0")
     elif why == "compiling":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
