@@ -12,11 +12,11 @@ median of 5 still moved with it (benchmarks/README.md, GEMV/GEMM threshold).
 
 When: automatically, once per setting (the CPU path in force and torch's thread count),
 the first time a CPU ``matmul_4bit`` with 2 to 128 rows runs with the compiled extension,
-no backend override, no torch.compile or fake-tensor tracing and no dispatch mode active, and the machine not
-busy (1-minute load average at most the CPU count: a busy machine's timings would be cached
-for good), unless ``QLORA_KERNELS_CALIBRATE=0``. Until then the features rule holds;
-``calibrate_gemv()`` or ``qlora-kernels calibrate`` runs it on demand. It takes about a
-second.
+no backend override, no torch.compile or fake-tensor tracing, no dispatch mode active and
+the machine not busy (1-minute load average at most the CPU count: a busy machine's
+timings would be cached for good), unless ``QLORA_KERNELS_CALIBRATE=0``. Until then the
+features rule holds; ``calibrate_gemv()`` or ``qlora-kernels calibrate`` runs it on demand.
+It takes about a second.
 
 Cache: ``gemv_calibration.json`` in ``QLORA_KERNELS_CALIBRATION_DIR``, else
 ``$XDG_CACHE_HOME/qlora_kernels``, else ``~/.cache/qlora_kernels``: the CPU model, its
@@ -135,11 +135,11 @@ def pick_threshold(measure: Callable[[int], Tuple[float, float]],
 def time_paths(dtype: torch.dtype, shape: Optional[Tuple[int, int]] = None,
                rounds: Optional[int] = None) -> Callable[[int], Tuple[float, float]]:
     """``measure(rows)`` for ``pick_threshold``: the fastest of ``rounds`` calls of
-    ``matmul_4bit``'s GEMV path and of its GEMM path on an NF4 + double-quant weight of ``shape`` (default ``SHAPE``)
-    and ``rows`` rows of x
-    in ``dtype``, one call of each per round (order alternating) after a warm-up; CPU time
-    of the calling thread when torch uses one thread, wall time otherwise. The inputs
-    come from a private generator: the caller's random stream is left as it was.
+    ``matmul_4bit``'s GEMV path and of its GEMM path on an NF4 + double-quant weight of
+    ``shape`` (default ``SHAPE``) and ``rows`` rows of x in ``dtype``, one call of each per
+    round (order alternating) after a warm-up; CPU time of the calling thread when torch
+    uses one thread, wall time otherwise. The inputs come from a private generator: the
+    caller's random stream is left as it was.
 
     Example:
         >>> gemv, gemm = time_paths(torch.float32, (64, 128), rounds=1)(2)
@@ -179,8 +179,7 @@ def calibrate_gemv(measure: Optional[Callable[[torch.dtype], Callable]] = None,
     """Measure this machine's GEMV/GEMM threshold now, per dtype of x, with torch's current
     thread count and CPU path, put it in force and (``write``) in the cache file. Returns the
     entry: ``gemv_max_rows`` per dtype, the ``seconds`` (and ``cpu_seconds``) the
-    calibration took, ``timings_ms``
-    (``[rows, GEMV ms, GEMM ms]`` per dtype).
+    calibration took, ``timings_ms`` (``[rows, GEMV ms, GEMM ms]`` per dtype).
     ``measure(dtype)`` gives ``pick_threshold``'s timer (default ``time_paths(dtype)``).
     RuntimeError without the compiled extension or under a backend override (their
     kernels are not the ones the threshold is for).
@@ -197,7 +196,7 @@ def calibrate_gemv(measure: Optional[Callable[[torch.dtype], Callable]] = None,
         if not _extension.EXTENSION_LOADED:
             raise RuntimeError("calibrate_gemv: the compiled extension is not loaded; the "
                                "reference kernels have no GEMV/GEMM switch worth measuring")
-        if backends.current_backend() in ("reference", "triton"):
+        if backends.current_backend() in backends._OVERRIDING:
             raise RuntimeError(f"calibrate_gemv: backend {backends.current_backend()!r} is "
                                "selected; calibrate the compiled CPU kernels without it")
         measure = time_paths
@@ -254,7 +253,7 @@ def _may_calibrate_now() -> bool:
 
     return (os.environ.get(ENV_CALIBRATE, "1") != "0" and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
-            and backends.current_backend() not in ("reference", "triton")
+            and backends.current_backend() not in backends._OVERRIDING
             and not _machine_busy())
 
 

@@ -17,8 +17,9 @@ picks a path by shape and device:
 The row threshold between the two is measured on this machine once (on the CPU, per dtype
 of x: ``gemv_calibration.py``, cached per CPU model), a rule from the CPU's features until
 then; override it with ``set_gemv_max_rows`` or the environment variable
-``QLORA_KERNELS_GEMV_MAX_ROWS`` (``gemv_threshold`` says which is in force). Backward computes ``grad_x = grad_y @ W`` from the packed
-weight again; only the packed weight and its state are saved, never x or a dequantized W.
+``QLORA_KERNELS_GEMV_MAX_ROWS`` (``gemv_threshold`` says which is in force). Backward
+computes ``grad_x = grad_y @ W`` from the packed weight again; only the packed weight and
+its state are saved, never x or a dequantized W.
 
 Example:
     >>> import torch, qlora_kernels as qk
@@ -48,13 +49,10 @@ from .quant_state import QuantState
 # model); the features rule (features_gemv_max_rows).
 GEMV_MAX_ROWS: Dict[str, Optional[int]] = {"cpu": None, "cuda": None}
 _ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
-_DTYPE_KEYS = {(dev, dt): f"{dev}:{str(dt).removeprefix('torch.')}"  # e.g. "cpu:bfloat16"
-               for dev in ("cpu", "cuda") for dt in FLOAT_DTYPES}
 
 
 def _dtype_key(device_type: str, dtype: torch.dtype) -> str:
-    return _DTYPE_KEYS.get((device_type, dtype)) or \
-        f"{device_type}:{str(dtype).removeprefix('torch.')}"
+    return f"{device_type}:{str(dtype).removeprefix('torch.')}"  # e.g. "cpu:bfloat16"
 
 
 def features_gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:

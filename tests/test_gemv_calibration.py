@@ -299,3 +299,18 @@ def test_real_calibration_keeps_the_random_stream(cache, monkeypatch):
     assert set(rows) == set(WANT) and all(0 <= r <= 128 for r in rows.values())
     assert all(len(t) >= 2 for t in entry["timings_ms"].values())
     assert os.path.exists(gc.cache_path())
+
+
+@needs_ext
+def test_a_failed_calibration_warns_once_and_the_matmul_still_runs(cache, monkeypatch):
+    tries = []
+
+    def broken(dtype):
+        tries.append(dtype)
+        raise MemoryError("no room for the calibration weight")
+    monkeypatch.setattr(gc, "time_paths", broken)
+    with pytest.warns(RuntimeWarning, match="calibration failed") as caught:
+        for rows in (5, 6, 7):
+            assert _matmul(rows).shape == (rows, 24)
+    assert len(tries) == 1 and len(caught) == 1  # tried once in this process
+    assert mm.gemv_threshold("cpu", torch.float32) == (8, "features rule")
