@@ -81,12 +81,18 @@ def _info(args) -> int:
 
 
 def _calibrate(args) -> int:
+    import os
+
     import torch
 
     from qlora_kernels import gemv_calibration
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if gemv_calibration.machine_busy():
+        print(f"qlora-kernels calibrate: warning: load average {os.getloadavg()[0]:.2f} on "
+              f"{os.cpu_count()} CPUs: other work will be in the timings; calibrate again "
+              "when the machine is idle", file=sys.stderr)
     try:
         entry = gemv_calibration.calibrate_gemv()
     except RuntimeError as exc:

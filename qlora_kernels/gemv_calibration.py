@@ -16,7 +16,7 @@ no backend override, no torch.compile or fake-tensor tracing, no dispatch mode a
 the machine not busy (1-minute load average at most the CPU count: a busy machine's
 timings would be cached for good), unless ``QLORA_KERNELS_CALIBRATE=0``. Until then the
 features rule holds; ``calibrate_gemv()`` or ``qlora-kernels calibrate`` runs it on demand.
-It takes about a second.
+It takes about 2 s of CPU (one Zen 4 core).
 
 Cache: ``gemv_calibration.json`` in ``QLORA_KERNELS_CALIBRATION_DIR``, else
 ``$XDG_CACHE_HOME/qlora_kernels``, else ``~/.cache/qlora_kernels``: the CPU model, its
@@ -50,10 +50,12 @@ FILE_NAME = "gemv_calibration.json"
 SCHEMA = 1
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# A 7B-like square projection at a quarter of the size: the crossing sits at the same rows
-# on 4096x4096 and 1536x576 (benchmarks/README.md), and it keeps the calibration near 1 s.
-SHAPE = (2048, 2048)
-ROUNDS = 5
+# A 7B attention projection. A quarter of it (2048x2048, 5 rounds: 0.67 s of CPU against
+# 1.75 s) put the 1-thread bf16 switch at 16 rows, where this layer's GEMM measured 26%
+# faster; calibrated on 4096x4096 every pick at 1-128 rows on 4096x4096 and 1536x576 was
+# right (benchmarks/README.md, GEMV/GEMM threshold).
+SHAPE = (4096, 4096)
+ROUNDS = 3
 
 _lock = threading.RLock()
 _loaded: Dict[Tuple[str, int], Optional[Dict[str, int]]] = {}  # setting -> rows per dtype
@@ -254,7 +256,7 @@ def _may_calibrate_now() -> bool:
     return (os.environ.get(ENV_CALIBRATE, "1") != "0" and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
             and backends.current_backend() not in backends._OVERRIDING
-            and not _machine_busy())
+            and not machine_busy())
 
 
 def _load_average() -> Optional[float]:
@@ -264,7 +266,14 @@ def _load_average() -> Optional[float]:
         return None
 
 
-def _machine_busy() -> bool:
+def machine_busy() -> bool:
+    """Whether the 1-minute load average exceeds the CPU count (False where there is none):
+    timings taken now would measure the other work as much as the kernels.
+
+    Example:
+        >>> machine_busy() in (True, False)
+        True
+    """
     load = _load_average()
     return load is not None and load > (os.cpu_count() or 1)
 
