@@ -9,7 +9,11 @@ the GEMV and onto the GEMM path. ``switch ok`` says whether the automatic choice
 faster of the two (or they are within 5%). All timings of one (shape, dtype, rows) are
 taken round-robin in the same rounds; ratios are medians of per-round ratios.
 
-Usage: python benchmarks/bench_layer.py [--json out.json] [--quick]
+The threshold in force (and where it comes from) is printed per dtype first; where this
+machine is not calibrated yet for the thread count, the calibration runs before the timings
+(unless QLORA_KERNELS_CALIBRATE=0).
+
+Usage: python benchmarks/bench_layer.py [--json out.json] [--quick] [--max-rows 128]
 """
 from __future__ import annotations
 
@@ -98,6 +102,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--max-rows", type=int, help="only row counts up to this (128: the "
+                        "GEMV/GEMM switch alone)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with the process's CPU time (robust on a loaded machine; "
                              "meaningful with --threads 1)")
@@ -105,16 +111,21 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [(256, 512)] if args.quick else SHAPES
-    rows = [1, 8, 64] if args.quick else ROWS
+    rows = [m for m in ([1, 8, 64] if args.quick else ROWS) if m <= (args.max_rows or m)]
+    thresholds = {str(dt).removeprefix("torch."): mm.gemv_threshold("cpu", dt, may_calibrate=True)
+                  for dt in DTYPES}
     rows_out = bench(shapes, rows, 3 if args.quick else args.rounds,
                      time.process_time if args.cpu_time else None)
     info = device_info("cpu")
     info["cpu_features"] = qk.cpu_dispatch.cpu_features()
     info["cpu_isa"] = qk.cpu_dispatch.cpu_isa()
     info["clock"] = "process CPU time" if args.cpu_time else "wall"
+    info["gemv_max_rows"] = {dt: {"rows": r, "source": src} for dt, (r, src) in thresholds.items()}
     print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | "
           f"{info['date']} | {' '.join(info['cpu_features'])} | path {info['cpu_isa']} | "
           f"clock: {info['clock']}")
+    for dt, (r, src) in thresholds.items():
+        print(f"# GEMV/GEMM threshold, {dt} x: {r} ({src})")
     print(f"{'N x K':>10} {'dtype':>8} {'rows':>5} {'fwd ms':>8} {'dense':>8} {'ratio':>6} "
           f"{'fwd+bwd':>8} {'dense':>8} {'ratio':>6} {'gemv':>8} {'gemm':>8} {'switch ok':>9}")
     for r in rows_out:

@@ -10,6 +10,7 @@ Commands:
   memory   the QLoRA memory table for a model size (``--params 65e9``)
   bench    every benchmark (``python -m benchmarks``; e.g. ``bench --quick``)
   info     the CPU's features, the path each CPU kernel takes, the GEMV/GEMM thresholds
+  calibrate  measure this machine's GEMV/GEMM switch now and cache it (``--threads N``)
 
 Example:
     $ python -m qlora_kernels demo
@@ -79,6 +80,34 @@ def _info(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    import os
+
+    import torch
+
+    from qlora_kernels import gemv_calibration
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if gemv_calibration.machine_busy():
+        print(f"qlora-kernels calibrate: warning: load average {os.getloadavg()[0]:.2f} on "
+              f"{os.cpu_count()} CPUs: other work will be in the timings; calibrate again "
+              "when the machine is idle", file=sys.stderr)
+    try:
+        entry = gemv_calibration.calibrate_gemv()
+    except RuntimeError as exc:
+        print(f"qlora-kernels calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"GEMV/GEMM calibration, {torch.get_num_threads()} threads, NF4 + double-quant "
+          f"{'x'.join(map(str, entry['shape']))} weight: {entry['seconds']:.2f} s "
+          f"({entry['cpu_seconds']:.2f} s of CPU, load average {entry['load_average']}), cached in "
+          f"{gemv_calibration.cache_path()}")
+    for dt, timings in entry["timings_ms"].items():
+        print(f"  {dt}: GEMV up to {entry['gemv_max_rows'][dt]} rows  (rows: GEMV ms / GEMM ms  "
+              + "  ".join(f"{m}: {a:.2f}/{b:.2f}" for m, a, b in timings) + ")")
+    return 0
+
+
 def _bench(bench_args) -> int:
     import importlib
     import os
@@ -119,6 +148,9 @@ def main(argv=None) -> int:
     mem.set_defaults(func=_memory)
     sub.add_parser("info", help="CPU features, kernel paths, GEMV/GEMM thresholds"
                    ).set_defaults(func=_info)
+    cal = sub.add_parser("calibrate", help="measure this machine's GEMV/GEMM switch and cache it")
+    cal.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    cal.set_defaults(func=_calibrate)
     sub.add_parser("bench", help="run the benchmarks (python -m benchmarks; same options)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its options belong to the harness

@@ -14,10 +14,12 @@ picks a path by shape and device:
   GEMM that dequantizes in registers measured 10-27x dense there: benchmarks/README.md,
   GPU). The Triton GEMM serves the op when the Triton backend is selected.
 
-The row thresholds come from ``benchmarks/bench_matmul.py`` (see benchmarks/README.md);
-override them with ``set_gemv_max_rows`` or the environment variable
-``QLORA_KERNELS_GEMV_MAX_ROWS``. Backward computes ``grad_x = grad_y @ W`` from the packed
-weight again; only the packed weight and its state are saved, never x or a dequantized W.
+The row threshold between the two is measured on this machine once (on the CPU, per dtype
+of x: ``gemv_calibration.py``, cached per CPU model), a rule from the CPU's features until
+then; override it with ``set_gemv_max_rows`` or the environment variable
+``QLORA_KERNELS_GEMV_MAX_ROWS`` (``gemv_threshold`` says which is in force). Backward
+computes ``grad_x = grad_y @ W`` from the packed weight again; only the packed weight and
+its state are saved, never x or a dequantized W.
 
 Example:
     >>> import torch, qlora_kernels as qk
@@ -30,29 +32,22 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from . import _extension, cpu_dispatch, ops  # noqa: F401
+from . import _extension, cpu_dispatch, gemv_calibration, ops  # noqa: F401
 from .formats import FLOAT_DTYPES
 from .op_checks import check_4bit_weight
 from .quant_state import QuantState
 
-# Largest number of rows of x that takes the GEMV path, per device type, and per
-# "device:dtype" of x where that differs. CPU, measured by benchmarks/bench_matmul.py
-# (2-core AVX2, no native bf16) on the 4096x4096, 11008x4096 and 4096x11008 shapes: bf16 x
-# (the block fixed-point GEMV) wins up to 64 rows against the float32 GEMM, GEMM from 96;
-# float32/float16 x (the exact float GEMV) wins up to 8, GEMM from 16. Where the CPU
-# computes bf16 natively the GEMM path runs a bf16 GEMM, about 2.5x faster, and bf16 x
-# switches to it above 16 rows (benchmarks/bench_layer.py; benchmarks/README.md). CUDA: not
-# yet measured (no GPU was available); 4 is a placeholder until bench_matmul.py runs on one.
-def _cpu_bf16_gemv_max_rows() -> int:
-    return 16 if cpu_dispatch.native_bf16() else 64
-
-
-GEMV_MAX_ROWS = {"cpu": 8, "cpu:bfloat16": _cpu_bf16_gemv_max_rows(), "cuda": 4}
+# The GEMV/GEMM switch: x with at most this many rows takes the GEMV path. In force, first
+# to last: the environment variable QLORA_KERNELS_GEMV_MAX_ROWS (every device and dtype);
+# set_gemv_max_rows (an entry of GEMV_MAX_ROWS, per device type or per "device:dtype" of x;
+# None: not set); on the CPU, this machine's calibration (gemv_calibration.py, cached per CPU
+# model); the features rule (features_gemv_max_rows).
+GEMV_MAX_ROWS: Dict[str, Optional[int]] = {"cpu": None, "cuda": None}
 _ENV = "QLORA_KERNELS_GEMV_MAX_ROWS"
 
 
@@ -60,10 +55,31 @@ def _dtype_key(device_type: str, dtype: torch.dtype) -> str:
     return f"{device_type}:{str(dtype).removeprefix('torch.')}"  # e.g. "cpu:bfloat16"
 
 
+def features_gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
+    """The GEMV/GEMM threshold from the CPU's features alone, in force until this machine is
+    calibrated. CPU, measured by benchmarks/bench_matmul.py and bench_layer.py
+    (benchmarks/README.md): bf16 x (the block fixed-point GEMV) wins up to 64 rows against
+    the float32 GEMM of an AVX2-only CPU, up to 16 against the bf16 GEMM of a CPU that
+    computes bf16 natively; float32/float16 x (the exact float GEMV) up to 8. CUDA: 4, a
+    placeholder until bench_matmul.py runs on a GPU.
+
+    Example:
+        >>> features_gemv_max_rows("cpu", torch.float32)
+        8
+    """
+    if device_type != "cpu":
+        return 4
+    if dtype == torch.bfloat16:
+        return 16 if cpu_dispatch.native_bf16() else 64
+    return 8
+
+
 def set_gemv_max_rows(rows: int, device_type: str = "cpu",
                       dtype: Optional[torch.dtype] = None) -> None:
     """Override the GEMV/GEMM switch: x with at most ``rows`` rows takes the GEMV path, for x
-    of ``dtype`` on ``device_type``, or for every dtype there when ``dtype`` is None.
+    of ``dtype`` on ``device_type``, or for every dtype there when ``dtype`` is None. It
+    wins over the calibration and the features rule; the environment variable
+    ``QLORA_KERNELS_GEMV_MAX_ROWS`` wins over it.
 
     Example:
         >>> saved = dict(GEMV_MAX_ROWS)
@@ -81,20 +97,42 @@ def set_gemv_max_rows(rows: int, device_type: str = "cpu",
         GEMV_MAX_ROWS[_dtype_key(device_type, dtype)] = int(rows)
 
 
-def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
-    """The GEMV/GEMM threshold for x of ``dtype`` on ``device_type`` (env
-    ``QLORA_KERNELS_GEMV_MAX_ROWS`` overrides every one).
+def gemv_threshold(device_type: str, dtype: Optional[torch.dtype] = None,
+                   may_calibrate: bool = False) -> Tuple[int, str]:
+    """The GEMV/GEMM threshold in force for x of ``dtype`` (None: float32) on
+    ``device_type``, and where it comes from: ``"env QLORA_KERNELS_GEMV_MAX_ROWS"``,
+    ``"set_gemv_max_rows"``, ``"calibration cache <file>"`` or ``"features rule"``.
+    ``may_calibrate``: a CPU call that may run this machine's calibration first
+    (``gemv_calibration.cached_gemv_max_rows``).
 
     Example:
-        >>> gemv_max_rows("cpu", torch.float32) >= 1
-        True
+        >>> rows, source = gemv_threshold("cuda", torch.float16); source
+        'features rule'
     """
     env = os.environ.get(_ENV)
     if env:
-        return int(env)
-    if dtype is not None and _dtype_key(device_type, dtype) in GEMV_MAX_ROWS:
-        return GEMV_MAX_ROWS[_dtype_key(device_type, dtype)]
-    return GEMV_MAX_ROWS.get(device_type, 8)
+        return int(env), f"env {_ENV}"
+    rows = None if dtype is None else GEMV_MAX_ROWS.get(_dtype_key(device_type, dtype))
+    if rows is None:
+        rows = GEMV_MAX_ROWS.get(device_type)
+    if rows is not None:
+        return rows, "set_gemv_max_rows"
+    if device_type == "cpu":
+        rows = gemv_calibration.cached_gemv_max_rows(dtype or torch.float32, may_calibrate)
+        if rows is not None:
+            return rows, f"calibration cache {gemv_calibration.cache_path()}"
+    return features_gemv_max_rows(device_type, dtype), "features rule"
+
+
+def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
+    """The GEMV/GEMM threshold in force for x of ``dtype`` on ``device_type``
+    (``gemv_threshold`` says where it comes from).
+
+    Example:
+        >>> gemv_max_rows("cpu", torch.float32) >= 0
+        True
+    """
+    return gemv_threshold(device_type, dtype)[0]
 
 
 # Bytes of W dequantized per CPU GEMM tile (4 MB), and at least this many rows (forward) or
@@ -208,6 +246,33 @@ def check_matmul_input(x, bias=None, what: str = "matmul_4bit") -> None:
                         f"{getattr(bias, 'dtype', type(bias).__name__)}")
 
 
+def _gemv_path(x2, packed, absmax, code, blocksize, out_features, nested_absmax, nested_code,
+               offset, bias):
+    # x in its own dtype: the kernel accumulates in float32 (bias included) and rounds
+    # once; with bf16 x the CPU kernel works in block fixed point (csrc/cpu/gemv_cpu.cpp)
+    return torch.ops.qlora_kernels.gemv_4bit(x2, packed, absmax, code, blocksize, out_features,
+                                             nested_absmax, nested_code, offset, bias)
+
+
+def _gemm_path(x2, packed, absmax, code, blocksize, out_features, nested_absmax, nested_code,
+               offset, bias):
+    check_4bit_weight("matmul_4bit", packed, absmax, code, blocksize, out_features * x2.shape[1],
+                      nested_absmax, nested_code)
+    # W dequantized a tile at a time straight into the GEMM dtype; each tile's GEMM
+    # writes its own columns of y (rounded once, bias included: addmm).
+    gd = gemm_dtype(x2)
+    xg = x2.to(gd)
+    y = torch.empty(x2.shape[0], out_features, dtype=gd, device=x2.device)
+    bg = None if bias is None else bias.to(gd)
+    for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, out_features,
+                                       x2.shape[1], nested_absmax, nested_code, offset, gd):
+        if bg is None:
+            torch.mm(xg, w.T, out=y[:, r0:r1])
+        else:
+            torch.addmm(bg[r0:r1], xg, w.T, out=y[:, r0:r1])
+    return y.to(x2.dtype)
+
+
 def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_absmax=None,
                       nested_code=None, offset=0.0, bias=None):
     check_matmul_input(x, bias)
@@ -216,32 +281,18 @@ def _matmul_4bit_impl(x, packed, absmax, code, blocksize, out_features, nested_a
     k = x.shape[-1]
     x2 = x.reshape(math.prod(x.shape[:-1]), k)  # (-1, 0) is ambiguous for k = 0
     m = x2.shape[0]
+    args = (packed, absmax, code, blocksize, out_features, nested_absmax, nested_code, offset,
+            bias)
     if m == 0 or k == 0 or out_features == 0:  # as nn.Linear: an empty sum is 0, plus bias
         y = torch.zeros(m, out_features, dtype=torch.float32, device=x.device)
         if bias is not None:
             y += bias.float()
-    elif m <= gemv_max_rows(x.device.type, x.dtype):
-        # x in its own dtype: the kernel accumulates in float32 (bias included) and rounds
-        # once; with bf16 x the CPU kernel works in block fixed point (csrc/cpu/gemv_cpu.cpp)
-        y = torch.ops.qlora_kernels.gemv_4bit(x2, packed, absmax, code, blocksize, out_features,
-                                              nested_absmax, nested_code, offset, bias)
-        return y.view(*x.shape[:-1], out_features)
+        y = y.to(x.dtype)
+    elif m <= gemv_threshold(x.device.type, x.dtype, may_calibrate=1 < m <= 128)[0]:
+        y = _gemv_path(x2, *args)
     else:
-        check_4bit_weight("matmul_4bit", packed, absmax, code, blocksize, out_features * k,
-                          nested_absmax, nested_code)
-        # W dequantized a tile at a time straight into the GEMM dtype; each tile's GEMM
-        # writes its own columns of y (rounded once, bias included: addmm).
-        gd = gemm_dtype(x)
-        xg = x2.to(gd)
-        y = torch.empty(m, out_features, dtype=gd, device=x.device)
-        bg = None if bias is None else bias.to(gd)
-        for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, out_features, k,
-                                           nested_absmax, nested_code, offset, gd):
-            if bg is None:
-                torch.mm(xg, w.T, out=y[:, r0:r1])
-            else:
-                torch.addmm(bg[r0:r1], xg, w.T, out=y[:, r0:r1])
-    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+        y = _gemm_path(x2, *args)
+    return y.view(*x.shape[:-1], out_features)
 
 
 def _matmul_4bit_backward_impl(grad_y, packed, absmax, code, blocksize, in_features,
