@@ -52,6 +52,11 @@ def cpu_features() -> List[str]:
     return [name for i, name in enumerate(FEATURE_NAMES) if bits >> i & 1]
 
 
+# The path in force, read from the extension once and kept by set_cpu_isa: the GEMV/GEMM
+# switch asks for it on every matmul call, where the op call cost a few microseconds.
+_isa_in_force: Optional[str] = None
+
+
 def cpu_isa() -> str:
     """The path the CPU kernels take now (``scalar`` without the extension).
 
@@ -59,9 +64,11 @@ def cpu_isa() -> str:
         >>> cpu_isa() in ISA_NAMES
         True
     """
-    if not _extension.EXTENSION_LOADED:
-        return "scalar"
-    return ISA_NAMES[torch.ops.qlora_kernels.cpu_isa()]
+    global _isa_in_force
+    if _isa_in_force is None:
+        _isa_in_force = (ISA_NAMES[torch.ops.qlora_kernels.cpu_isa()]
+                         if _extension.EXTENSION_LOADED else "scalar")
+    return _isa_in_force
 
 
 def set_cpu_isa(isa: Optional[str] = None) -> str:
@@ -82,11 +89,13 @@ def set_cpu_isa(isa: Optional[str] = None) -> str:
         if isa not in (None, "scalar"):
             raise ValueError(f"CPU path {isa!r} needs the compiled extension, which is not loaded")
         return "scalar"
+    global _isa_in_force
     try:
         level = torch.ops.qlora_kernels.set_cpu_isa(-1 if isa is None else ISA_NAMES.index(isa))
     except RuntimeError as exc:
         raise ValueError(f"CPU path {isa!r}: {str(exc).splitlines()[0]}") from None
-    return ISA_NAMES[level]
+    _isa_in_force = ISA_NAMES[level]
+    return _isa_in_force
 
 
 def native_bf16() -> bool:
