@@ -23,12 +23,37 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 
 from .matmul import _matmul_4bit_backward_impl
 from .quant_state import QuantState
+
+
+# Dropout draws 16 random bits per element, four elements per 64-bit draw: on the CPU
+# torch's generator costs ~5 ns per draw, and a Bernoulli (or uniform) draw per element made
+# the mask a sixth of the demo's training step (benchmarks/README.md). An element is dropped
+# with probability k / 2**16, k = round(p * 2**16) (p to within 8e-6).
+_MASK_LEVELS = 1 << 16
+
+
+def dropout_keep_mask(shape, p: float, device=None) -> Tuple[torch.Tensor, float]:
+    """A boolean keep-mask of ``shape`` for dropout with probability ``p`` from torch's
+    generator on ``device``, and the scale 1 / P(keep) for the kept elements.
+
+    Example:
+        >>> _ = torch.manual_seed(0); mask, scale = dropout_keep_mask((1000, 100), 0.25)
+        >>> round(1 - mask.float().mean().item(), 2), round(scale, 4)
+        (0.25, 1.3333)
+    """
+    numel = math.prod(shape)
+    drop = min(max(int(round(p * _MASK_LEVELS)), 0), _MASK_LEVELS - 1)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), None)  # every bit uniform (random_() leaves the sign bit 0)
+    lanes = words.view(torch.int16)[:numel].view(shape)
+    return lanes >= drop - (1 << 15), _MASK_LEVELS / (_MASK_LEVELS - drop)
 
 
 class _QLoRAFunction(torch.autograd.Function):
@@ -46,15 +71,16 @@ class _QLoRAFunction(torch.autograd.Function):
                                                             n, nested_absmax, nested_code,
                                                             offset, bias)
         mask = None
+        keep_scale = 1.0
         if dropout > 0:
-            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout)
-            xa = (x2 * mask).mul_(1.0 / (1.0 - dropout)) @ lora_a.T
+            mask, keep_scale = dropout_keep_mask(x2.shape, dropout, x2.device)
+            xa = torch.where(mask, x2, 0).mul_(keep_scale) @ lora_a.T
         else:
             xa = x2 @ lora_a.T
         y = torch.addmm(y, xa, lora_b.T, alpha=scaling)
         ctx.save_for_backward(x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
                               nested_code)
-        ctx.blocksize, ctx.offset, ctx.scaling, ctx.dropout = blocksize, offset, scaling, dropout
+        ctx.blocksize, ctx.offset, ctx.scaling, ctx.keep_scale = blocksize, offset, scaling, keep_scale
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y.view(*x.shape[:-1], n)
 
@@ -62,7 +88,7 @@ class _QLoRAFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
          nested_code) = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout
+        s, keep_scale = ctx.scaling, ctx.keep_scale
         g2 = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         gb = g2 @ lora_b  # (m, r): the gradient reaching x·Aᵀ, unscaled
         grad_x = grad_a = grad_b = grad_bias = None
@@ -73,10 +99,10 @@ class _QLoRAFunction(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(gb, lora_a, alpha=s)
             else:
-                grad_x.add_((gb @ lora_a).mul_(mask), alpha=s / (1.0 - p))
+                grad_x.add_((gb @ lora_a).mul_(mask), alpha=s * keep_scale)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            xd = x2 if mask is None else (x2 * mask).mul_(1.0 / (1.0 - p))
+            xd = x2 if mask is None else torch.where(mask, x2, 0).mul_(keep_scale)
             grad_a = torch.mm(gb.T, xd).mul_(s)
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(g2.T, xa).mul_(s)

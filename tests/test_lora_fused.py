@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qlora_kernels as qk
+from qlora_kernels import lora_fused
 from qlora_kernels import matmul as mm
 from qlora_kernels.lora_fused import qlora_linear
 
@@ -87,12 +88,12 @@ def test_fused_dropout_uses_one_mask(rng):
     x = torch.randn(9, 128, generator=rng, requires_grad=True)
     torch.manual_seed(5)
     y = layer(x)
-    torch.manual_seed(5)  # the same draw the layer made: one Bernoulli(1 - p) per element
-    mask = torch.empty(9, 128, dtype=torch.bool).bernoulli_(0.7)
+    torch.manual_seed(5)  # the same draw the layer made
+    mask, scale = lora_fused.dropout_keep_mask((9, 128), 0.3)
     assert 0 < mask.sum() < mask.numel()
     g = torch.randn(y.shape, generator=rng)
     y.backward(g)
-    want, xr, a, b = _reference(layer, x, mask.float(), 0.3)
+    want, xr, a, b = _reference(layer, x, mask.float(), 1 - 1 / scale)
     want.backward(g)
     assert _rel(y, want) < 2e-5 and _rel(x.grad, xr.grad) < 2e-5
     assert _rel(layer.lora_A.weight.grad, a.grad) < 2e-5
@@ -127,3 +128,20 @@ def test_qlora_linear_checks(rng):
         qlora_linear(torch.randn(3, 32), packed, state, a, b, 1.0)
     with pytest.raises(TypeError, match="dtype"):
         qlora_linear(torch.randn(3, 64), packed, state, a.bfloat16(), b, 1.0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
+def test_dropout_keep_mask_rate_in_every_lane(p):
+    """Each element dropped with probability p (to 2**-16), in each of the four 16-bit lanes
+    of a 64-bit draw (a biased lane, e.g. the sign bit random_() leaves 0, would show), and
+    the kept elements scaled to keep the expectation."""
+    torch.manual_seed(11)
+    n = 400_000
+    mask, scale = lora_fused.dropout_keep_mask((n // 50, 50), p)
+    assert mask.dtype == torch.bool and mask.shape == (n // 50, 50)
+    dropped = (~mask).reshape(-1, 4).float().mean(0)  # one rate per lane
+    sigma = (p * (1 - p) / (n / 4)) ** 0.5
+    assert ((dropped - p).abs() < 5 * sigma).all(), dropped
+    assert abs(scale * (1 - p) - 1) <= 2 ** -17 / (1 - p)  # p rounded to k / 2**16
+    other, _ = lora_fused.dropout_keep_mask((n // 50, 50), p)
+    assert not torch.equal(mask, other)  # fresh draws
