@@ -198,7 +198,7 @@ def calibrate_gemv(measure: Optional[Callable[[torch.dtype], Callable]] = None,
         if not _extension.EXTENSION_LOADED:
             raise RuntimeError("calibrate_gemv: the compiled extension is not loaded; the "
                                "reference kernels have no GEMV/GEMM switch worth measuring")
-        if backends.current_backend() in backends._OVERRIDING:
+        if backends.overriding():
             raise RuntimeError(f"calibrate_gemv: backend {backends.current_backend()!r} is "
                                "selected; calibrate the compiled CPU kernels without it")
         measure = time_paths
@@ -255,7 +255,7 @@ def _may_calibrate_now() -> bool:
 
     return (os.environ.get(ENV_CALIBRATE, "1") != "0" and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
-            and backends.current_backend() not in backends._OVERRIDING
+            and not backends.overriding()
             and not machine_busy())
 
 

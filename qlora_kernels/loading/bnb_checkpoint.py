@@ -226,7 +226,6 @@ def save_pretrained(model: nn.Module, out_dir: str, max_shard_size="5GB", tokeni
     """
     import copy
 
-
     layers, qt, dq = _bnb_layers(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):

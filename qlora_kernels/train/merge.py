@@ -125,11 +125,10 @@ def run_merge(args: argparse.Namespace, log=print) -> dict:
         model.to(dtype)
         model.save_pretrained(args.out)
         tok.save_pretrained(args.out)
-        log(f"merged {n} adapted layers into a dense {args.dtype} model: {args.out}")
-    if not args.quantized:  # transformers' save_pretrained writes safetensors' 0600 files
-        for entry in os.scandir(args.out):
+        for entry in os.scandir(args.out):  # transformers writes safetensors' 0600 files
             if entry.is_file(follow_symlinks=False):
                 set_usual_file_mode(entry.path)
+        log(f"merged {n} adapted layers into a dense {args.dtype} model: {args.out}")
     return result
 
 
