@@ -3,8 +3,9 @@
 
 Against the module-by-module composition (base layer, dropout, two ``nn.Linear``, a scale,
 an add) it saves for the backward only x itself (no copy when x is already in the compute
-dtype), ``x·Aᵀ`` (r columns, computed once), one boolean mask when dropout is on (never a
-dropped copy of x), and the packed weight; the base product (the ``matmul_4bit`` op,
+dtype), ``x·Aᵀ`` (r columns, computed once), when dropout is on a seed on the CPU (the
+``dropout_seeded`` op recomputes the mask) or one boolean mask elsewhere (never a dropped
+copy of x), and the packed weight; the base product (the ``matmul_4bit`` op,
 left unmodified so that selective checkpointing can keep it, see checkpointing.py) and
 the low-rank update are summed by one ``addmm``, and the input gradient of both is
 accumulated in place in one tensor. A and B's gradients come out in their (compute) dtype from GEMMs that
@@ -35,8 +36,11 @@ from .quant_state import QuantState
 # Dropout draws 16 random bits per element, four elements per 64-bit draw: on the CPU
 # torch's generator costs ~5 ns per draw, and a Bernoulli (or uniform) draw per element made
 # the mask a sixth of the demo's training step (benchmarks/README.md). An element is dropped
-# with probability k / 2**16, k = round(p * 2**16) (p to within 8e-6).
+# with probability k / 2**16, k = round(p * 2**16) (p to within 8e-6). CPU tensors take the
+# dropout_seeded op instead (one pass, no mask); this mask serves the other devices, where
+# the op's only kernel is the reference.
 _MASK_LEVELS = 1 << 16
+_SEEDED_DEVICES = ("cpu",)
 
 
 def dropout_keep_mask(shape, p: float, device=None) -> Tuple[torch.Tensor, float]:
@@ -56,6 +60,32 @@ def dropout_keep_mask(shape, p: float, device=None) -> Tuple[torch.Tensor, float
     return lanes >= drop - (1 << 15), _MASK_LEVELS / (_MASK_LEVELS - drop)
 
 
+class _Dropout:
+    """One draw of dropout with probability ``p`` for tensors of one shape, applied as often
+    as needed (to x in the forward, to x and to the gradient of the dropped x in the
+    backward): on the CPU a seed from torch's generator for the ``dropout_seeded`` op, which
+    recomputes the mask, elsewhere a saved mask (``dropout_keep_mask``).
+
+    Example:
+        >>> _ = torch.manual_seed(0); d = _Dropout(torch.ones(4, 1000), 0.5)
+        >>> y = d.apply(torch.ones(4, 1000))
+        >>> sorted(set(y.unique().tolist())), torch.equal(y, d.apply(torch.ones(4, 1000)))
+        ([0.0, 2.0], True)
+    """
+
+    def __init__(self, x: torch.Tensor, p: float):
+        self.p, self.mask, self.seed = p, None, None
+        if x.device.type in _SEEDED_DEVICES:
+            self.seed = torch.empty((), dtype=torch.int64).random_(-(1 << 63), None).item()
+        else:
+            self.mask, self.scale = dropout_keep_mask(x.shape, p, x.device)
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        if self.seed is not None:
+            return torch.ops.qlora_kernels.dropout_seeded.default(t, self.seed, self.p)
+        return torch.where(self.mask, t, 0).mul_(self.scale)
+
+
 class _QLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, packed, absmax, code, nested_absmax, nested_code,
@@ -70,17 +100,15 @@ class _QLoRAFunction(torch.autograd.Function):
             y = torch.ops.qlora_kernels.matmul_4bit.default(x2, packed, absmax, code, blocksize,
                                                             n, nested_absmax, nested_code,
                                                             offset, bias)
-        mask = None
-        keep_scale = 1.0
-        if dropout > 0:
-            mask, keep_scale = dropout_keep_mask(x2.shape, dropout, x2.device)
-            xa = torch.where(mask, x2, 0).mul_(keep_scale) @ lora_a.T
-        else:
-            xa = x2 @ lora_a.T
+        drop = _Dropout(x2, dropout) if dropout > 0 else None
+        xa = (x2 if drop is None else drop.apply(x2)) @ lora_a.T
         y = torch.addmm(y, xa, lora_b.T, alpha=scaling)
+        mask = None if drop is None else drop.mask
         ctx.save_for_backward(x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
                               nested_code)
-        ctx.blocksize, ctx.offset, ctx.scaling, ctx.keep_scale = blocksize, offset, scaling, keep_scale
+        if drop is not None:
+            drop.mask = None  # saved above (a tensor is saved through ctx, not held)
+        ctx.blocksize, ctx.offset, ctx.scaling, ctx.drop = blocksize, offset, scaling, drop
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y.view(*x.shape[:-1], n)
 
@@ -88,7 +116,9 @@ class _QLoRAFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
          nested_code) = ctx.saved_tensors
-        s, keep_scale = ctx.scaling, ctx.keep_scale
+        s, drop = ctx.scaling, ctx.drop
+        if drop is not None and mask is not None:
+            drop.mask = mask
         g2 = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         gb = g2 @ lora_b  # (m, r): the gradient reaching x·Aᵀ, unscaled
         grad_x = grad_a = grad_b = grad_bias = None
@@ -96,13 +126,13 @@ class _QLoRAFunction(torch.autograd.Function):
             grad_x = _matmul_4bit_backward_impl(g2, packed, absmax, code, ctx.blocksize,
                                                 x2.shape[1], nested_absmax, nested_code,
                                                 ctx.offset)
-            if mask is None:
+            if drop is None:
                 grad_x.addmm_(gb, lora_a, alpha=s)
             else:
-                grad_x.add_((gb @ lora_a).mul_(mask), alpha=s * keep_scale)
+                grad_x.add_(drop.apply(gb @ lora_a), alpha=s)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            xd = x2 if mask is None else torch.where(mask, x2, 0).mul_(keep_scale)
+            xd = x2 if drop is None else drop.apply(x2)
             grad_a = torch.mm(gb.T, xd).mul_(s)
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(g2.T, xa).mul_(s)

@@ -187,6 +187,11 @@ def _dequantize_8bit_fake(q, absmax, code, blocksize, dtype):
     return q.new_empty((q.numel(),), dtype=dtype)
 
 
+@torch.library.register_fake("qlora_kernels::dropout_seeded")
+def _dropout_seeded_fake(x, seed, p):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("qlora_kernels::adamw_step_")
 def _adamw_step_fake(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
                      maximize):

@@ -1,6 +1,6 @@
 """Run-time CPU dispatch: every path this CPU has (forced with set_cpu_isa) gives the
 reference's bits for dequantize (and the column tiles of the backward), 4-bit and 8-bit
-quantize, and the scalar path's bits for the 32-bit and 8-bit AdamW steps; the
+quantize and seeded dropout, and the scalar path's bits for the 32-bit and 8-bit AdamW steps; the
 override refuses unknown paths and paths the CPU lacks; the env variable works at import."""
 import os
 import subprocess
@@ -221,3 +221,19 @@ def test_adamw8bit_every_path_gives_the_same_bits(dtype, n, rng):
     for path, got in results.items():
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                    for a, b in zip(got, want)), path
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (3, 1531), (70_001,)])
+@pytest.mark.parametrize("seed,p", [(0, 0.05), (-7, 0.5), ((1 << 62) + 3, 0.9), (12345, 0.0)])
+def test_dropout_seeded_every_path_gives_reference_bits(isa, dtype, shape, seed, p, rng):
+    # 70_001 elements: two parallel chunks and a partial one; NaN and Inf kept or dropped
+    x = (torch.randn(shape, generator=rng) * 4).to(dtype)
+    flat = x.view(-1)
+    flat[: min(5, flat.numel())] = float("nan")
+    flat[-3:] = float("inf")
+    got = torch.ops.qlora_kernels.dropout_seeded(x, seed, p)
+    want = reference.dropout_seeded(x, seed, p)
+    assert got.shape == x.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -81,19 +81,33 @@ def test_fused_gemm_tiles(rng, monkeypatch):
     assert _rel(layer.lora_A.weight.grad, a.grad) < 2e-5
 
 
-def test_fused_dropout_uses_one_mask(rng):
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded-op", "saved-mask"])
+def test_fused_dropout_uses_one_mask(seeded, rng, monkeypatch):
+    """Forward and backward apply the same draw: the layer matches the dense reference with
+    the mask its own draw applies (read back from that draw), on the CPU's seeded op and
+    on the saved-mask path other devices take."""
+    draws = []
+
+    class Recorded(lora_fused._Dropout):
+        def __init__(self, x, p):
+            super().__init__(x, p)
+            draws.append((self.seed is not None, self.apply(torch.ones(x.shape))))
+
+    monkeypatch.setattr(lora_fused, "_Dropout", Recorded)
+    if not seeded:
+        monkeypatch.setattr(lora_fused, "_SEEDED_DEVICES", ())
     layer = _setup(rng, 64, 128, 4, torch.float32, bias=False)
     layer.lora_dropout = torch.nn.Dropout(0.3)
     layer.train()
     x = torch.randn(9, 128, generator=rng, requires_grad=True)
-    torch.manual_seed(5)
     y = layer(x)
-    torch.manual_seed(5)  # the same draw the layer made
-    mask, scale = lora_fused.dropout_keep_mask((9, 128), 0.3)
-    assert 0 < mask.sum() < mask.numel()
+    ((used_seed, kept),) = draws  # kept: mask / P(keep)
+    assert used_seed == seeded
+    assert 0 < kept.count_nonzero() < kept.numel()
+    scale = kept.max().item()
     g = torch.randn(y.shape, generator=rng)
     y.backward(g)
-    want, xr, a, b = _reference(layer, x, mask.float(), 1 - 1 / scale)
+    want, xr, a, b = _reference(layer, x, (kept > 0).float(), 1 - 1 / scale)
     want.backward(g)
     assert _rel(y, want) < 2e-5 and _rel(x.grad, xr.grad) < 2e-5
     assert _rel(layer.lora_A.weight.grad, a.grad) < 2e-5
@@ -145,3 +159,54 @@ def test_dropout_keep_mask_rate_in_every_lane(p):
     assert abs(scale * (1 - p) - 1) <= 2 ** -17 / (1 - p)  # p rounded to k / 2**16
     other, _ = lora_fused.dropout_keep_mask((n // 50, 50), p)
     assert not torch.equal(mask, other)  # fresh draws
+
+
+def _seeded_keep(shape, seed, p):
+    return torch.ops.qlora_kernels.dropout_seeded(torch.ones(shape), seed, p) != 0
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9])
+def test_dropout_seeded_rate_scale_and_independence(p):
+    """Each element dropped with probability p in every SIMD lane position (index mod 16),
+    neighbours independent (P(both dropped) = p**2), seeds s and s + 1 independent, and the
+    kept elements scaled to keep the expectation."""
+    n = 400_000
+    keep = _seeded_keep((n // 16, 16), 11, p)
+    per_lane = (~keep).float().mean(0)
+    sigma = (p * (1 - p) / (n / 16)) ** 0.5
+    assert ((per_lane - p).abs() < 5 * sigma).all(), per_lane
+    flat = (~keep).reshape(-1)
+    pairs = (flat[:-1] & flat[1:]).float().mean().item()
+    assert abs(pairs - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5, pairs
+    other = ~_seeded_keep((n // 16, 16), 12, p)
+    both = (flat & other.reshape(-1)).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5, both
+    y = torch.ops.qlora_kernels.dropout_seeded(torch.ones(10), 3, p)
+    scale = y.max().item()
+    assert abs(scale * (1 - p) - 1) < 1e-6
+
+
+def test_dropout_seeded_same_bits_on_any_thread_count_and_layout(rng):
+    x = torch.randn(300, 777, generator=rng)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.qlora_kernels.dropout_seeded(x, 99, 0.2)
+        torch.set_num_threads(2)
+        two = torch.ops.qlora_kernels.dropout_seeded(x, 99, 0.2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    # a transposed view is read in its logical (row-major) order
+    xt = x.t()
+    assert torch.equal(torch.ops.qlora_kernels.dropout_seeded(xt, 99, 0.2),
+                       torch.ops.qlora_kernels.dropout_seeded(xt.contiguous(), 99, 0.2))
+    assert not torch.equal(one, torch.ops.qlora_kernels.dropout_seeded(x, 100, 0.2))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_dropout_seeded_refuses_bad_p(p):
+    with pytest.raises(ValueError, match="p must be in"):
+        torch.ops.qlora_kernels.dropout_seeded(torch.randn(4), 0, p)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        torch.ops.qlora_kernels.dropout_seeded(torch.ones(4, dtype=torch.int32), 0, 0.1)

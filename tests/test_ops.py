@@ -72,6 +72,7 @@ def _opcheck_cases(rng):
         # columns 64..191 of a 5 x 256 weight (whole blocks), nested scales
         "dequantize_4bit_cols_out": [(pc, q8c, code, bs, s8c, fp8, offc, 256, 64,
                                       torch.empty(5, 128, dtype=torch.bfloat16))],
+        "dropout_seeded": [(xs, 5, 0.3), (x.view(9, 37), -(1 << 40), 0.05)],
         "cpu_features": [()],
         "cpu_isa": [()],
         "set_cpu_isa": [(-1,)],  # -1: the best path, which is already in force

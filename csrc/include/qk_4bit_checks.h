@@ -30,8 +30,8 @@ inline bool is_float_dtype(at::ScalarType t) {
 }
 
 inline void check_float_input(const at::Tensor& A, const char* op) {
-  TORCH_CHECK(is_float_dtype(A.scalar_type()), op,
-              ": input must be float32, float16 or bfloat16, got ", A.scalar_type());
+  TORCH_CHECK_TYPE(is_float_dtype(A.scalar_type()), op,
+                   ": input must be float32, float16 or bfloat16, got ", A.scalar_type());
 }
 
 // A packed 4-bit weight of `numel` elements and its state: packed uint8 bytes, one absmax per

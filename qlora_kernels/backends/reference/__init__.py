@@ -172,6 +172,35 @@ def dequantize_4bit_cols_out(packed, absmax, code, blocksize: int, nested_absmax
     out.copy_(w.view(rows, row_len)[:, col0:col0 + cols])
 
 
+_WORD = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """The uint32 mixer of dropout_seeded, on int64 values below 2**32 (each product stays
+    below 2**63: the constants are below 2**31)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x21F0AAAD) & _WORD
+    h = h ^ (h >> 15)
+    h = (h * 0x735A2D97) & _WORD
+    return h ^ (h >> 15)
+
+
+def dropout_seeded(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """x with each element kept (times 1 / P(keep)) or zeroed by a hash of (seed, index),
+    as op_schemas.inc defines it."""
+    check_float_input(x, "dropout_seeded")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_seeded: p must be in [0, 1), got {p}")
+    levels = 1 << 32
+    drop = min(round(p * levels), levels - 1)
+    scale = torch.tensor(levels / (levels - drop), dtype=torch.float32)
+    key = seed & ((1 << 64) - 1)
+    i = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+    h = _mix32((i & _WORD) ^ (key & _WORD) ^ (((i >> 32) * 0x9E3779B1) & _WORD))
+    keep = _mix32(h ^ (key >> 32)) >= drop
+    return torch.where(keep.view(x.shape), x, 0) * scale.item()
+
+
 # Without the extension there is no SIMD path: the scalar (reference) one only.
 def cpu_features() -> int:
     return 0
@@ -191,6 +220,7 @@ from . import adamw  # noqa: E402  (it uses the 8-bit functions above)
 
 _QUANT_OPS = ("quantize_4bit", "dequantize_4bit", "dequantize_4bit_out",
               "dequantize_4bit_cols_out", "quantize_8bit", "dequantize_8bit", "gemv_4bit")
+_LORA_OPS = ("dropout_seeded",)
 _OPTIM_OPS = ("adamw_step_", "adamw_step_multi_", "adamw8bit_step_")
 MANAGED_OPS = ("managed_supported", "managed_empty", "managed_prefetch_", "is_managed")
 CPU_DISPATCH_OPS = ("cpu_features", "set_cpu_isa", "cpu_isa")
@@ -207,7 +237,7 @@ def fallback_impls() -> dict:
         >>> sorted(fallback_impls())[:2]
         ['adamw8bit_step_', 'adamw_step_']
     """
-    out = {name: globals()[name] for name in _QUANT_OPS + CPU_DISPATCH_OPS}
+    out = {name: globals()[name] for name in _QUANT_OPS + _LORA_OPS + CPU_DISPATCH_OPS}
     out.update({name: getattr(adamw, name) for name in _OPTIM_OPS + MANAGED_OPS})
     return out
 
