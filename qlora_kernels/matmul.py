@@ -135,11 +135,13 @@ def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
     return gemv_threshold(device_type, dtype)[0]
 
 
-# Bytes of W dequantized per CPU GEMM tile (4 MB), and at least this many rows (forward) or
+# Bytes of W dequantized per CPU GEMM tile (16 MB), and at least this many rows (forward) or
 # columns (backward) per tile: each tile's GEMM streams all of x (forward) or grad_y
 # (backward) once more, so thin tiles of a wide W cost (4096x11008 at 512 rows, float32:
-# 64-row tiles 1.22x dense, 256-row 1.0x). GPUs take W whole (one dequantize, one GEMM).
-TILE_BYTES = 4 << 20
+# 64-row tiles 1.22x dense, 256-row 1.0x; bf16 forward+backward: 4 MB tiles 1.09-1.13x,
+# 16 MB 1.06x), while one tile of a whole 32 MB W (4096x4096 bf16) ran at 1.32x: dequantized
+# past the cache, then read back. GPUs take W whole (one dequantize, one GEMM).
+TILE_BYTES = 16 << 20
 MIN_TILE_ROWS = 256
 
 

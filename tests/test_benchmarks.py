@@ -80,3 +80,14 @@ def test_bench_memory_tiny_shape_runs_every_child(tmp_path):
     assert res["step"]["estimate_gib"] > res["step_full"]["estimate_gib"] > 0
     assert "error" not in res["rates"] and res["rates"]["disk_bytes_per_s"] > 0
     assert not [f for f in os.listdir(tmp_path) if f.startswith("qk-bench")]
+
+
+def test_bench_dropout_quick_covers_every_path_and_dtype():
+    from benchmarks import bench_dropout
+    from qlora_kernels import cpu_dispatch
+
+    rows = bench_dropout.main(["--quick"])
+    paths = cpu_dispatch.ISA_NAMES[: cpu_dispatch.ISA_NAMES.index(cpu_dispatch.cpu_isa()) + 1]
+    assert {(r["path"], r["dtype"]) for r in rows} == {(p, d) for p in paths
+                                                        for d in ("float32", "bfloat16")}
+    assert all(r["seeded_us"] > 0 and r["torch_dropout_over_seeded"] > 0 for r in rows)
