@@ -10,16 +10,15 @@ Usage: python benchmarks/bench_dropout.py [--json out.json] [--quick] [--threads
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.timing import device_info, median_ratio, paired_times, write_json  # noqa: E402
+from benchmarks.timing import (cpu_timing_parser, cpu_timing_setup, device_info,  # noqa: E402
+                               median_ratio, paired_times, write_json)
 from qlora_kernels import cpu_dispatch  # noqa: E402
 from qlora_kernels.lora_fused import dropout_keep_mask  # noqa: E402
 
@@ -58,22 +57,14 @@ def bench(shapes, p: float, rounds: int, paths, clock=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser = cpu_timing_parser(__doc__)
     parser.add_argument("--p", type=float, default=0.05, help="dropout probability (the demo's)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="time with the process's CPU time (meaningful with --threads 1)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = cpu_timing_setup(args)
     best = cpu_dispatch.cpu_isa()
     paths = cpu_dispatch.ISA_NAMES[: cpu_dispatch.ISA_NAMES.index(best) + 1]
     shapes = [(33, 77)] if args.quick else SHAPES
-    rows = bench(shapes, args.p, 3 if args.quick else args.rounds, paths,
-                 time.process_time if args.cpu_time else None)
+    rows = bench(shapes, args.p, 3 if args.quick else args.rounds, paths, clock)
     info = device_info("cpu")
     info["cpu_features"] = cpu_dispatch.cpu_features()
     print(f"# {info['device']} | torch {info['torch']} | threads {info['threads']} | "

@@ -17,10 +17,8 @@ Usage: python benchmarks/bench_layer.py [--json out.json] [--quick] [--max-rows 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qlora_kernels as qk  # noqa: E402
 from qlora_kernels import matmul as mm  # noqa: E402
-from benchmarks.timing import (device_info, median_ratio, paired_times,  # noqa: E402
-                               write_json)
+from benchmarks.timing import (cpu_timing_parser, cpu_timing_setup, device_info,  # noqa: E402
+                               median_ratio, paired_times, write_json)
 
 SHAPES = [(4096, 4096), (1536, 576)]  # a 7B attention projection; SmolLM2's MLP up/gate
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048]
@@ -97,25 +95,16 @@ def bench(shapes, rows, rounds, clock=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser = cpu_timing_parser(__doc__)
     parser.add_argument("--max-rows", type=int, help="only row counts up to this (128: the "
                         "GEMV/GEMM switch alone)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="time with the process's CPU time (robust on a loaded machine; "
-                             "meaningful with --threads 1)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = cpu_timing_setup(args)
     shapes = [(256, 512)] if args.quick else SHAPES
     rows = [m for m in ([1, 8, 64] if args.quick else ROWS) if m <= (args.max_rows or m)]
     thresholds = {str(dt).removeprefix("torch."): mm.gemv_threshold("cpu", dt, may_calibrate=True)
                   for dt in DTYPES}
-    rows_out = bench(shapes, rows, 3 if args.quick else args.rounds,
-                     time.process_time if args.cpu_time else None)
+    rows_out = bench(shapes, rows, 3 if args.quick else args.rounds, clock)
     info = device_info("cpu")
     info["cpu_features"] = qk.cpu_dispatch.cpu_features()
     info["cpu_isa"] = qk.cpu_dispatch.cpu_isa()

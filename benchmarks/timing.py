@@ -9,6 +9,7 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import platform
@@ -73,6 +74,35 @@ def paired_times(fns: dict, device="cpu", warmup: int = 2, rounds: int = 15, clo
                     fn()
             per[n].append(median_time(batch, device, warmup=0, reps=1, clock=clock) / k)
     return {"median": {n: statistics.median(v) for n, v in per.items()}, "rounds": per}
+
+
+def cpu_timing_parser(doc: str, rounds: int = 9):
+    """An argument parser with the options of the round-robin CPU benchmarks (--json,
+    --quick, --rounds, --threads, --cpu-time); ``cpu_timing_setup(args)`` applies them and
+    returns the clock to time with.
+
+    Example:
+        >>> args = cpu_timing_parser("x").parse_args(["--cpu-time"])
+        >>> cpu_timing_setup(args) is time.process_time
+        True
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--json")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process's CPU time (robust on a loaded machine; "
+                             "meaningful with --threads 1)")
+    return parser
+
+
+def cpu_timing_setup(args):
+    """Set torch's thread count from ``args.threads``; the clock ``args.cpu_time`` asks for
+    (None: timing's default wall clock)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return time.process_time if args.cpu_time else None
 
 
 def median_ratio(rounds: dict, a: str, b: str) -> float:
