@@ -135,18 +135,25 @@ def gemv_max_rows(device_type: str, dtype: Optional[torch.dtype] = None) -> int:
     return gemv_threshold(device_type, dtype)[0]
 
 
-# Bytes of W dequantized per CPU GEMM tile (16 MB), and at least this many rows (forward) or
-# columns (backward) per tile: each tile's GEMM streams all of x (forward) or grad_y
-# (backward) once more, so thin tiles of a wide W cost (4096x11008 at 512 rows, float32:
-# 64-row tiles 1.22x dense, 256-row 1.0x; bf16 forward+backward: 4 MB tiles 1.09-1.13x,
-# 16 MB 1.06x), while one tile of a whole 32 MB W (4096x4096 bf16) ran at 1.32x: dequantized
-# past the cache, then read back. GPUs take W whole (one dequantize, one GEMM).
+# Bytes of W dequantized per CPU GEMM tile, and at least this many rows (forward) or columns
+# (backward) per tile: each tile's GEMM streams all of x (forward) or grad_y (backward) once
+# more, so thin tiles of a wide W cost (4096x11008 at 512 rows, float32: 64-row tiles 1.22x
+# dense, 256-row 1.0x). From 256 rows of x, 16 MB tiles (bf16 forward+backward at 512 rows:
+# 4096x4096 and 11008x4096 1.05-1.07x dense, against 1.07-1.13x with 4 MB; one tile of a
+# whole 32 MB W ran at 1.32x: dequantized past the cache, then read back); below, 4 MB
+# (4096x4096 at 16 rows: the GEMMs of 512-row bf16 tiles take 3.5 ms, of 2048-row 4.0 ms).
+# GPUs take W whole (one dequantize, one GEMM).
 TILE_BYTES = 16 << 20
+SMALL_TILE_BYTES = 4 << 20
+LARGE_TILE_MIN_ROWS = 256
 MIN_TILE_ROWS = 256
 
 
-def _tile_bytes(device: torch.device) -> int:
-    return TILE_BYTES if device.type == "cpu" else 1 << 62
+def _tile_bytes(device: torch.device, rows: int) -> int:
+    """Bytes per dequantized tile of W for a GEMM with ``rows`` rows of x (or grad_y)."""
+    if device.type != "cpu":
+        return 1 << 62
+    return TILE_BYTES if rows >= LARGE_TILE_MIN_ROWS else SMALL_TILE_BYTES
 
 
 def gemm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -192,11 +199,12 @@ def _row_tiles(n: int, k: int, blocksize: int, nested: bool, esize: int = 4,
 
 
 def _dequantize_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
-                      dtype=torch.float32):
-    """Yield (r0, r1, W[r0:r1] in ``dtype``) tiles, reusing one buffer."""
+                      dtype=torch.float32, rows_of_x: int = 0):
+    """Yield (r0, r1, W[r0:r1] in ``dtype``) tiles for a GEMM with ``rows_of_x`` rows,
+    reusing one buffer."""
     flat = packed.reshape(-1)
     tiles = _row_tiles(n, k, blocksize, nested_absmax is not None, dtype.itemsize,
-                       _tile_bytes(packed.device))
+                       _tile_bytes(packed.device, rows_of_x))
     buf = torch.empty((tiles[0][1] - tiles[0][0]) * k, dtype=dtype, device=packed.device)
     for r0, r1 in tiles:
         e0, e1 = r0 * k, r1 * k
@@ -211,10 +219,10 @@ def _dequantize_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nest
 
 
 def _dequantize_col_tiles(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code,
-                          offset, dtype):
+                          offset, dtype, rows_of_grad: int):
     """Yield (c0, c1, W[:, c0:c1] in ``dtype``) tiles (k a multiple of the blocksize), so
     each column range of grad_x is one GEMM: rounded once, never accumulated across tiles."""
-    cols = _tile_len(n, dtype.itemsize, blocksize, _tile_bytes(packed.device))
+    cols = _tile_len(n, dtype.itemsize, blocksize, _tile_bytes(packed.device, rows_of_grad))
     buf = torch.empty(n * min(cols, k), dtype=dtype, device=packed.device)
     for c0 in range(0, k, cols):
         c1 = min(k, c0 + cols)
@@ -267,7 +275,8 @@ def _gemm_path(x2, packed, absmax, code, blocksize, out_features, nested_absmax,
     y = torch.empty(x2.shape[0], out_features, dtype=gd, device=x2.device)
     bg = None if bias is None else bias.to(gd)
     for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, out_features,
-                                       x2.shape[1], nested_absmax, nested_code, offset, gd):
+                                       x2.shape[1], nested_absmax, nested_code, offset, gd,
+                                       x2.shape[0]):
         if bg is None:
             torch.mm(xg, w.T, out=y[:, r0:r1])
         else:
@@ -312,13 +321,14 @@ def _matmul_4bit_backward_impl(grad_y, packed, absmax, code, blocksize, in_featu
             gx = torch.empty(g2.shape[0], in_features, dtype=gd, device=grad_y.device)
             for c0, c1, w in _dequantize_col_tiles(packed, absmax, code, blocksize, n,
                                                    in_features, nested_absmax, nested_code,
-                                                   offset, gd):
+                                                   offset, gd, g2.shape[0]):
                 torch.mm(gg, w, out=gx[:, c0:c1])
         else:  # row tiles whose partial products add up in float32
             gf = gg.float()
             gx = torch.zeros(g2.shape[0], in_features, dtype=torch.float32, device=grad_y.device)
             for r0, r1, w in _dequantize_tiles(packed, absmax, code, blocksize, n, in_features,
-                                               nested_absmax, nested_code, offset):
+                                               nested_absmax, nested_code, offset,
+                                               rows_of_x=g2.shape[0]):
                 gx.addmm_(gf[:, r0:r1], w)
     return gx.to(grad_y.dtype).view(*grad_y.shape[:-1], in_features)
 

@@ -68,7 +68,7 @@ def test_fused_matches_dense_reference(dtype, rows, shape, rng):
 
 def test_fused_gemm_tiles(rng, monkeypatch):
     # small tiles: several row tiles forward, several column tiles backward
-    monkeypatch.setattr(mm, "TILE_BYTES", 64 * 128 * 4)
+    monkeypatch.setattr(mm, "SMALL_TILE_BYTES", 64 * 128 * 4)
     monkeypatch.setattr(mm, "MIN_TILE_ROWS", 1)
     layer = _setup(rng, 300, 256, 8, torch.float32, bias=True)
     x = torch.randn(40, 256, generator=rng, requires_grad=True)

@@ -164,6 +164,7 @@ def test_torch_compile_fullgraph_mlp(rng):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_cpu_gemm_tiles_cover_every_row(shape, double_quant, rng, monkeypatch):
     # small tiles force many slices of packed bytes, absmax and nested scales
+    monkeypatch.setattr(mm, "SMALL_TILE_BYTES", 4096 * 4)
     monkeypatch.setattr(mm, "TILE_BYTES", 4096 * 4)
     monkeypatch.setattr(mm, "MIN_TILE_ROWS", 1)
     monkeypatch.setitem(mm.GEMV_MAX_ROWS, "cpu", 0)
@@ -183,12 +184,28 @@ def test_cpu_gemm_tiles_cover_every_row(shape, double_quant, rng, monkeypatch):
     _close(x.grad, g @ w, torch.float32)
 
 
+def test_cpu_tile_size_follows_the_rows_of_x(rng, monkeypatch):
+    # the large tiles from LARGE_TILE_MIN_ROWS rows of x on, forward and backward; the
+    # results are the same either way
+    sizes = []
+    real = mm._tile_len
+    monkeypatch.setattr(mm, "_tile_len", lambda *a: sizes.append(a[3]) or real(*a))
+    packed, state = _weight(64, 128, rng, True)
+    for m in (mm.LARGE_TILE_MIN_ROWS - 1, mm.LARGE_TILE_MIN_ROWS):
+        sizes.clear()
+        x = torch.randn(m, 128, generator=rng, requires_grad=True)
+        qk.matmul_4bit(x, packed, state).backward(torch.randn(m, 64, generator=rng))
+        want = mm.TILE_BYTES if m >= mm.LARGE_TILE_MIN_ROWS else mm.SMALL_TILE_BYTES
+        assert sizes == [want, want], (m, sizes)
+    assert mm.SMALL_TILE_BYTES < mm.TILE_BYTES
+
+
 def test_gpu_gemm_dequantizes_w_whole_into_x_dtype():
     # GPUs: one dequantize of all of W into x's dtype, then one cuBLAS GEMM (no tiles)
     cuda = torch.device("cuda")
     for n, k, nested in ((4096, 11008, True), (77, 333, True), (1000, 96, False)):
-        assert mm._row_tiles(n, k, 64, nested, 2, mm._tile_bytes(cuda)) == [(0, n)]
-        assert mm._tile_len(n, 2, 64, mm._tile_bytes(cuda)) >= k
+        assert mm._row_tiles(n, k, 64, nested, 2, mm._tile_bytes(cuda, 512)) == [(0, n)]
+        assert mm._tile_len(n, 2, 64, mm._tile_bytes(cuda, 512)) >= k
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert mm.gemm_dtype(torch.empty(2, 3, dtype=dtype, device="meta")) == dtype
 
