@@ -113,8 +113,10 @@ MODEL_CONFIGS = ("ours", "peft_dense_bf16", "peft_dense_float32", "peft_bnb_bf16
 # Ablations of "ours" for the ladder: bf16 compute with the GEMM path's dense GEMM in
 # float32 (the CPU path capped at avx512, i.e. no native bf16: the GEMM before this change),
 # without the chunked LM-head loss, and with full recompute under gradient checkpointing
-# (no selective checkpointing: every 4-bit GEMM and attention re-run in the backward).
-ABLATIONS = ("ours_float32_gemm", "ours_no_chunked_loss", "ours_full_recompute")
+# (no selective checkpointing: every 4-bit GEMM and attention re-run in the backward), and
+# with torch's allocator left as it is (no CPU block cache).
+ABLATIONS = ("ours_float32_gemm", "ours_no_chunked_loss", "ours_full_recompute",
+             "ours_no_block_cache")
 
 
 def _vm_hwm() -> int:
@@ -137,7 +139,8 @@ def _build_model(config: str):
         lm.to(dtype)
         qk.prepare_model(lm, r=16, lora_alpha=32, compute_dtype=dtype, verbose=False,
                          chunked_loss=config != "ours_no_chunked_loss",
-                         selective_checkpointing=config != "ours_full_recompute")
+                         selective_checkpointing=config != "ours_full_recompute",
+                         cpu_block_cache=config != "ours_no_block_cache")
         params = [p for p in lm.parameters() if p.requires_grad]
         return lm, tok, qk.optim.AdamW(params, lr=1e-4), dtype
     import peft

@@ -18,7 +18,7 @@ from .functional import (dequantize_4bit, dequantize_absmax, dequantize_blockwis
                          double_quantize_absmax, quantize_4bit, quantize_blockwise)
 from .matmul import matmul_4bit, set_gemv_max_rows
 from .gemv_calibration import calibrate_gemv
-from .memory import bits_per_parameter, estimate_memory
+from .memory import bits_per_parameter, cpu_block_cache, cpu_block_cache_stats, estimate_memory
 from .nn import Linear4bit
 from .quant_state import QuantState
 from .serialization import load_quantized, save_quantized, split_quantized
@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 EXTENSION_LOADED = _extension.EXTENSION_LOADED
 
 __all__ = [
-    "Linear4bit", "QuantState", "available_backends", "matmul_4bit", "set_gemv_max_rows", "calibrate_gemv", "bits_per_parameter", "estimate_memory",
+    "Linear4bit", "QuantState", "available_backends", "matmul_4bit", "set_gemv_max_rows", "calibrate_gemv", "bits_per_parameter", "estimate_memory", "cpu_block_cache", "cpu_block_cache_stats",
     "load_quantized", "save_quantized", "split_quantized", "dequantize_4bit", "dequantize_absmax",
     "dequantize_blockwise", "double_quantize_absmax", "dynamic_map", "fp8_e4m3_map",
     "get_4bit_code", "nf4_from_normal_quantiles", "quantize_4bit", "quantize_blockwise",

@@ -1,5 +1,6 @@
-"""Memory accounting: real bits per parameter of a packed tensor, and the QLoRA memory
-estimator behind ``qlora-kernels memory``.
+"""Memory accounting: real bits per parameter of a packed tensor, the QLoRA memory
+estimator behind ``qlora-kernels memory``, and the CPU block cache (large CPU blocks kept
+for reuse between training steps).
 
 Example:
     >>> import qlora_kernels as qk
@@ -359,3 +360,46 @@ def parameter_counts(model: nn.Module) -> Dict[str, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return {"trainable": trainable, "total": total}
+
+
+_BLOCK_CACHE_STATS = ("enabled", "in_use_bytes", "cached_bytes", "peak_in_use_bytes", "hits",
+                      "misses")
+
+
+def cpu_block_cache(enable: bool = True) -> None:
+    """Turn the CPU block cache on or off for the whole process.
+
+    On, torch's CPU allocator serves every allocation of 1 MiB or more from blocks it maps
+    itself and keeps, when freed, for the next allocation of the same size class (sizes
+    rounded up by at most 1/16); smaller ones, and everything while off, go to the previous
+    allocator. Everything it maps, in use or cached, stays within the most it ever had in
+    use at once: a new size first unmaps cached blocks of other sizes. A training step's
+    activations then no longer fragment the C heap (csrc/cpu/block_cache_cpu.cpp;
+    benchmarks/README.md has the measured peak RSS). Off unmaps the cached blocks; blocks
+    still in use stay valid and are unmapped when freed. ``prepare_model`` turns it on for
+    a model on the CPU (its ``cpu_block_cache`` argument).
+
+    Example:
+        >>> import torch
+        >>> cpu_block_cache(True); t = torch.ones(1 << 19)  # 2 MiB: from the cache
+        >>> stats = cpu_block_cache_stats(); stats["enabled"], stats["in_use_bytes"] >= 1 << 21
+        (True, True)
+        >>> del t; cpu_block_cache(False); cpu_block_cache_stats()["cached_bytes"]
+        0
+    """
+    torch.ops.qlora_kernels.cpu_block_cache_enable(bool(enable))
+
+
+def cpu_block_cache_stats() -> Dict[str, int]:
+    """The CPU block cache's state: whether it is on, bytes in use and cached, the most
+    bytes in use at once, and its hits and misses (see ``cpu_block_cache``).
+
+    Example:
+        >>> sorted(cpu_block_cache_stats())[:2]
+        ['cached_bytes', 'enabled']
+    """
+    values = torch.ops.qlora_kernels.cpu_block_cache_stats()
+    out = dict(zip(_BLOCK_CACHE_STATS, values))
+    out["enabled"] = bool(out["enabled"])
+    return out
+

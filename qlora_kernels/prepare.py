@@ -33,6 +33,7 @@ from .chunked_loss import chunked_causal_lm_loss
 from .compute_dtype import resolve_compute_dtype
 from .formats import FLOAT_DTYPES
 from .lora import QLoRALinear
+from . import _extension, memory
 from .memory import parameter_counts, weight_bytes
 from .nn import Linear4bit
 
@@ -201,7 +202,8 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
                   adapter_dtype: Optional[torch.dtype] = None, verbose: bool = True,
                   quant_storage: torch.dtype = torch.uint8, chunked_loss: bool = True, *,
                   compress_statistics: Optional[bool] = None,
-                  selective_checkpointing: Union[bool, str] = "auto") -> nn.Module:
+                  selective_checkpointing: Union[bool, str] = "auto",
+                  cpu_block_cache: Union[bool, str] = "auto") -> nn.Module:
     """Convert ``model`` in place for QLoRA training and return it.
 
     Each targeted ``nn.Linear`` becomes ``QLoRALinear(Linear4bit.from_linear(...))`` (with
@@ -224,7 +226,11 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     backward instead of recomputing them: a third fewer 4-bit GEMMs per step for one
     (tokens x out_features) tensor per layer (checkpointing.py); False recomputes all;
     ``"auto"`` (default): on for a model on the CPU (compute-bound, memory to spare), off
-    on GPUs, where checkpointing is mostly there to save memory.
+    on GPUs, where checkpointing is mostly there to save memory. ``cpu_block_cache``: True
+    turns on the process-wide CPU block cache (``qlora_kernels.memory.cpu_block_cache``:
+    large blocks kept for the next step instead of fragmenting the C heap), ``"auto"``
+    (default) does so for a model on the CPU (with the compiled extension); False leaves
+    the allocator as it is.
 
     Raises ValueError (listing available names) when ``target_modules`` matches nothing.
     Arguments and every target weight (float dtype, finite values) are checked before the
@@ -240,14 +246,17 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
     if isinstance(model, (QLoRALinear, nn.Linear, Linear4bit)):
         raise TypeError("prepare_model converts a model's sub-layers; wrap a single layer "
                         "with QLoRALinear(...) directly")
-    if selective_checkpointing not in (True, False, "auto"):
-        raise ValueError("prepare_model: selective_checkpointing must be True, False or "
-                         f"'auto', got {selective_checkpointing!r}")
+    for what, value in (("selective_checkpointing", selective_checkpointing),
+                        ("cpu_block_cache", cpu_block_cache)):
+        if value not in (True, False, "auto"):
+            raise ValueError(f"prepare_model: {what} must be True, False or 'auto', got "
+                             f"{value!r}")
     names = resolve_target_modules(model, target_modules)
     # the device only: holding the first parameter would keep its dense weight alive
     device = next((p.device for p in model.parameters()), None)
+    on_cpu = device is None or device.type == "cpu"
     if selective_checkpointing == "auto":
-        selective_checkpointing = device is None or device.type == "cpu"
+        selective_checkpointing = on_cpu
     compute_dtype = resolve_compute_dtype(compute_dtype, device)
     _check_conversion(model, names, quantize, dict(
         quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
@@ -276,6 +285,9 @@ def prepare_model(model: nn.Module, target_modules: Union[str, Sequence[str]] = 
         chunked_causal_lm_loss(model)
     if selective_checkpointing:
         enable_selective_checkpointing(model)
+    if cpu_block_cache is True or (cpu_block_cache == "auto" and on_cpu
+                                   and _extension.EXTENSION_LOADED):
+        memory.cpu_block_cache(True)
     if verbose:
         print(_summary_line(parameter_counts(model), before, weight_bytes(model)))
     return model

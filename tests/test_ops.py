@@ -76,6 +76,8 @@ def _opcheck_cases(rng):
         "cpu_features": [()],
         "cpu_isa": [()],
         "set_cpu_isa": [(-1,)],  # -1: the best path, which is already in force
+        "cpu_block_cache_stats": [()],
+        "cpu_block_cache_enable": [(False,)],  # off: leaves torch's allocator as it is
     }
 
 
@@ -92,7 +94,8 @@ def test_opcheck_every_op(name, rng):
     # these take no tensor (format_table returns a constant CPU table for the tests, the
     # cpu_* ops read or set the CPU path): there is no fake tensor to trace them with, so
     # they get the schema and autograd checks only
-    tensorless = ("format_table", "cpu_features", "cpu_isa", "set_cpu_isa")
+    tensorless = ("format_table", "cpu_features", "cpu_isa", "set_cpu_isa",
+                  "cpu_block_cache_enable", "cpu_block_cache_stats")
     utils = ("test_schema", "test_autograd_registration") if name in tensorless else "ALL"
     for args in cases[name]:
         torch.library.opcheck(getattr(torch.ops.qlora_kernels, name).default, args,

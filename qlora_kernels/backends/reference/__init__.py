@@ -216,6 +216,16 @@ def set_cpu_isa(isa: int) -> int:
     return 0
 
 
+# Without the extension torch's own CPU allocator stays: no block cache to turn on.
+def cpu_block_cache_enable(enable: bool) -> None:
+    if enable:
+        raise RuntimeError("cpu_block_cache_enable: the compiled extension is not loaded")
+
+
+def cpu_block_cache_stats() -> list:
+    return [0, 0, 0, 0, 0, 0]
+
+
 from . import adamw  # noqa: E402  (it uses the 8-bit functions above)
 
 _QUANT_OPS = ("quantize_4bit", "dequantize_4bit", "dequantize_4bit_out",
@@ -224,9 +234,10 @@ _LORA_OPS = ("dropout_seeded",)
 _OPTIM_OPS = ("adamw_step_", "adamw_step_multi_", "adamw8bit_step_")
 MANAGED_OPS = ("managed_supported", "managed_empty", "managed_prefetch_", "is_managed")
 CPU_DISPATCH_OPS = ("cpu_features", "set_cpu_isa", "cpu_isa")
+CPU_MEMORY_OPS = ("cpu_block_cache_enable", "cpu_block_cache_stats")
 # Ops that take no tensor of a device (C++ registers them for every dispatch key): no CUDA
 # stand-ins, no backend override.
-DEVICELESS_OPS = MANAGED_OPS + CPU_DISPATCH_OPS
+DEVICELESS_OPS = MANAGED_OPS + CPU_DISPATCH_OPS + CPU_MEMORY_OPS
 
 
 def fallback_impls() -> dict:
@@ -237,7 +248,8 @@ def fallback_impls() -> dict:
         >>> sorted(fallback_impls())[:2]
         ['adamw8bit_step_', 'adamw_step_']
     """
-    out = {name: globals()[name] for name in _QUANT_OPS + _LORA_OPS + CPU_DISPATCH_OPS}
+    out = {name: globals()[name]
+           for name in _QUANT_OPS + _LORA_OPS + CPU_DISPATCH_OPS + CPU_MEMORY_OPS}
     out.update({name: getattr(adamw, name) for name in _OPTIM_OPS + MANAGED_OPS})
     return out
 
