@@ -61,29 +61,36 @@ def dropout_keep_mask(shape, p: float, device=None) -> Tuple[torch.Tensor, float
 
 
 class _Dropout:
-    """One draw of dropout with probability ``p`` for tensors of one shape, applied as often
-    as needed (to x in the forward, to x and to the gradient of the dropped x in the
-    backward): on the CPU a seed from torch's generator for the ``dropout_seeded`` op, which
-    recomputes the mask, elsewhere a saved mask (``dropout_keep_mask``).
+    """One draw of dropout with probability ``p``, applied as often as needed (to x in the
+    forward, to x and to the gradient of the dropped x in the backward): on the CPU a seed
+    for the ``dropout_seeded`` op, which recomputes the mask; elsewhere a saved mask
+    (``dropout_keep_mask``), which the caller keeps (through ``ctx.save_for_backward``, so
+    that checkpointing can drop it) and passes to ``apply``. ``draw`` makes one.
 
     Example:
-        >>> _ = torch.manual_seed(0); d = _Dropout(torch.ones(4, 1000), 0.5)
-        >>> y = d.apply(torch.ones(4, 1000))
-        >>> sorted(set(y.unique().tolist())), torch.equal(y, d.apply(torch.ones(4, 1000)))
+        >>> _ = torch.manual_seed(0); d, mask = _Dropout.draw(torch.ones(4, 1000), 0.5)
+        >>> y = d.apply(torch.ones(4, 1000), mask)
+        >>> sorted(set(y.unique().tolist())), torch.equal(y, d.apply(torch.ones(4, 1000), mask))
         ([0.0, 2.0], True)
     """
 
-    def __init__(self, x: torch.Tensor, p: float):
-        self.p, self.mask, self.seed = p, None, None
-        if x.device.type in _SEEDED_DEVICES:
-            self.seed = torch.empty((), dtype=torch.int64).random_(-(1 << 63), None).item()
-        else:
-            self.mask, self.scale = dropout_keep_mask(x.shape, p, x.device)
+    def __init__(self, p: float, seed: Optional[int] = None, scale: float = 1.0):
+        self.p, self.seed, self.scale = p, seed, scale
 
-    def apply(self, t: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def draw(cls, x: torch.Tensor, p: float) -> Tuple["_Dropout", Optional[torch.Tensor]]:
+        """A draw for tensors of x's shape, from torch's generator on x's device, and its
+        mask (None for a seeded draw)."""
+        if x.device.type in _SEEDED_DEVICES:
+            seed = torch.empty((), dtype=torch.int64).random_(-(1 << 63), None).item()
+            return cls(p, seed=seed), None
+        mask, scale = dropout_keep_mask(x.shape, p, x.device)
+        return cls(p, scale=scale), mask
+
+    def apply(self, t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.seed is not None:
             return torch.ops.qlora_kernels.dropout_seeded.default(t, self.seed, self.p)
-        return torch.where(self.mask, t, 0).mul_(self.scale)
+        return torch.where(mask, t, 0).mul_(self.scale)
 
 
 class _QLoRAFunction(torch.autograd.Function):
@@ -100,14 +107,11 @@ class _QLoRAFunction(torch.autograd.Function):
             y = torch.ops.qlora_kernels.matmul_4bit.default(x2, packed, absmax, code, blocksize,
                                                             n, nested_absmax, nested_code,
                                                             offset, bias)
-        drop = _Dropout(x2, dropout) if dropout > 0 else None
-        xa = (x2 if drop is None else drop.apply(x2)) @ lora_a.T
+        drop, mask = _Dropout.draw(x2, dropout) if dropout > 0 else (None, None)
+        xa = (x2 if drop is None else drop.apply(x2, mask)) @ lora_a.T
         y = torch.addmm(y, xa, lora_b.T, alpha=scaling)
-        mask = None if drop is None else drop.mask
         ctx.save_for_backward(x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
                               nested_code)
-        if drop is not None:
-            drop.mask = None  # saved above (a tensor is saved through ctx, not held)
         ctx.blocksize, ctx.offset, ctx.scaling, ctx.drop = blocksize, offset, scaling, drop
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y.view(*x.shape[:-1], n)
@@ -117,8 +121,6 @@ class _QLoRAFunction(torch.autograd.Function):
         (x2, xa, mask, lora_a, lora_b, packed, absmax, code, nested_absmax,
          nested_code) = ctx.saved_tensors
         s, drop = ctx.scaling, ctx.drop
-        if drop is not None and mask is not None:
-            drop.mask = mask
         g2 = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         gb = g2 @ lora_b  # (m, r): the gradient reaching x·Aᵀ, unscaled
         grad_x = grad_a = grad_b = grad_bias = None
@@ -129,10 +131,10 @@ class _QLoRAFunction(torch.autograd.Function):
             if drop is None:
                 grad_x.addmm_(gb, lora_a, alpha=s)
             else:
-                grad_x.add_(drop.apply(gb @ lora_a), alpha=s)
+                grad_x.add_(drop.apply(gb @ lora_a, mask), alpha=s)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            xd = x2 if drop is None else drop.apply(x2)
+            xd = x2 if drop is None else drop.apply(x2, mask)
             grad_a = torch.mm(gb.T, xd).mul_(s)
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(g2.T, xa).mul_(s)

@@ -87,13 +87,14 @@ def test_fused_dropout_uses_one_mask(seeded, rng, monkeypatch):
     the mask its own draw applies (read back from that draw), on the CPU's seeded op and
     on the saved-mask path other devices take."""
     draws = []
+    real_draw = lora_fused._Dropout.draw
 
-    class Recorded(lora_fused._Dropout):
-        def __init__(self, x, p):
-            super().__init__(x, p)
-            draws.append((self.seed is not None, self.apply(torch.ones(x.shape))))
+    def recorded(x, p):
+        drop, mask = real_draw(x, p)
+        draws.append((drop.seed is not None, drop.apply(torch.ones(x.shape), mask)))
+        return drop, mask
 
-    monkeypatch.setattr(lora_fused, "_Dropout", Recorded)
+    monkeypatch.setattr(lora_fused._Dropout, "draw", recorded)
     if not seeded:
         monkeypatch.setattr(lora_fused, "_SEEDED_DEVICES", ())
     layer = _setup(rng, 64, 128, 4, torch.float32, bias=False)
